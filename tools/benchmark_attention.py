@@ -1,0 +1,178 @@
+"""Speed and memory of the na2d backends against NATTEN's own na2d (no RPB), one table, one run.
+
+    .venv/bin/python tools/benchmark_attention.py [--device cpu|cuda] [--repeats N] [--quick]
+
+Shapes are NAT-Mini's attention layers (head dim 32, kernel 7): stage 1 (batch 8, 56x56,
+2 heads) with dilation 1 and 8 (DiNAT), down to stage 4 (7x7, 16 heads), plus detection-size
+maps (batch 1, 2 heads, 100x168 and 200x336: twice the height and width). Every cell runs in
+a fresh subprocess so that "peak extra memory" (peak RSS on CPU, max_memory_allocated on CUDA,
+minus what the inputs already hold) belongs to that call alone. Times are medians after one
+warm-up call. Our backends run with RPB; NATTEN (the baseline) cannot, so it runs without.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {  # name: (batch, height, width, heads, dilation)
+    "stage1": (8, 56, 56, 2, 1),
+    "stage1-d8": (8, 56, 56, 2, 8),
+    "stage2": (8, 28, 28, 4, 1),
+    "stage2-d4": (8, 28, 28, 4, 4),
+    "stage3": (8, 14, 14, 8, 1),
+    "stage4": (8, 7, 7, 16, 1),
+    "det-half": (1, 100, 168, 2, 1),
+    "det": (1, 200, 336, 2, 1),
+}
+HEAD_DIM, KERNEL = 32, 7
+BACKENDS = ("natten", "tiled", "flex", "reference")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes(device) -> int:
+    import torch
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(shape: str, backend: str, mode: str, device: str, repeats: int) -> dict:
+    """One cell, in this process: peak extra memory of the first call, then median time."""
+    import torch
+    from timm_nat.attention import na2d, use_backend
+
+    batch, height, width, heads, dilation = SHAPES[shape]
+    gen = torch.Generator(device=device).manual_seed(0)
+    train = mode == "fwd+bwd"
+    q, k, v = (torch.randn(batch, height, width, heads, HEAD_DIM, device=device, generator=gen, requires_grad=train)
+               for _ in range(3))
+    rpb = None if backend == "natten" else torch.randn(heads, 2 * KERNEL - 1, 2 * KERNEL - 1, device=device,
+                                                        generator=gen, requires_grad=train)
+    grad = torch.randn_like(q) if train else None
+
+    def call():
+        with use_backend(backend), torch.set_grad_enabled(train):
+            out = na2d(q, k, v, KERNEL, dilation, rpb=rpb)
+            if train:
+                out.backward(grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    peak = max(_peak_bytes(device) - base, 0)
+    times = []
+    for _ in range(repeats if first < 20 else 1):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return dict(ms=statistics.median(times) * 1e3, first_ms=first * 1e3, peak_mb=peak / 2**20)
+
+
+def _natten_score_matrix_gb(shape: str) -> float:
+    batch, height, width, heads, _ = SHAPES[shape]
+    return batch * heads * (height * width) ** 2 * 4 / 2**30
+
+
+def _skip_reason(shape, backend, mode, device, total_gb):
+    if device == "cpu" and backend in ("natten", "flex") and mode == "fwd+bwd":
+        return "no CPU backward"
+    if backend == "natten" and device == "cpu":
+        need = _natten_score_matrix_gb(shape)
+        if need > 0.5 * total_gb:  # NATTEN 0.20+ on CPU is unfused flex: it materialises N x N scores
+            return f"does not fit: needs >= {need:.0f} GB for the N x N scores"
+    if backend == "flex" and device == "cpu" and shape.startswith("det"):
+        return "block mask needs N x N evaluation"
+    return None
+
+
+def _run_cell(shape, backend, mode, device, repeats, timeout):
+    cmd = [sys.executable, __file__, "--cell", shape, backend, mode, "--device", device, "--repeats", str(repeats)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"over {timeout}s")
+    if done.returncode != 0:
+        lines = (done.stderr.strip().splitlines() or ["?"])
+        return dict(error=lines[-1][:60])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="stage 1 and detection shapes only")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
+    parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cell:
+        print(json.dumps(measure(*args.cell, args.device, args.repeats)))
+        return 0
+
+    import torch
+    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    shapes = ["stage1", "stage1-d8", "det-half", "det"] if args.quick else list(SHAPES)
+    print(f"na2d benchmark: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+          f"head_dim {HEAD_DIM}, kernel {KERNEL}; ours with RPB, natten without")
+    header = f"{'shape':<10} {'B,H,W,heads,dil':<18} {'backend':<10} {'fwd ms':>9} {'fwd peak MB':>12} " \
+             f"{'fwd+bwd ms':>11} {'f+b peak MB':>12} {'fwd speed-up vs natten':>23}"
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for shape in shapes:
+        for backend in BACKENDS:
+            cells = {}
+            for mode in ("fwd", "fwd+bwd"):
+                reason = _skip_reason(shape, backend, mode, args.device, total_gb)
+                cells[mode] = dict(error=reason) if reason else _run_cell(shape, backend, mode, args.device,
+                                                                          args.repeats, args.timeout)
+            results[shape, backend] = cells
+            base = results.get((shape, "natten"), {}).get("fwd", {})
+            ratio = f"{base['ms'] / cells['fwd']['ms']:.1f}x" if "ms" in base and "ms" in cells["fwd"] else "-"
+
+            def fmt(cell, key, width):
+                return f"{cell[key]:>{width}.1f}" if key in cell else f"{'-':>{width}}"
+            note = "; ".join(sorted({c["error"] for c in cells.values() if c.get("error")}))
+            print(f"{shape:<10} {','.join(map(str, SHAPES[shape])):<18} {backend:<10} {fmt(cells['fwd'], 'ms', 9)} "
+                  f"{fmt(cells['fwd'], 'peak_mb', 12)} {fmt(cells['fwd+bwd'], 'ms', 11)} "
+                  f"{fmt(cells['fwd+bwd'], 'peak_mb', 12)} {ratio:>23}  {note}", flush=True)
+    _print_targets(results)
+    return 0
+
+
+def _print_targets(results):
+    """The issue's targets, computed from this run's table."""
+    def get(shape, backend, mode, key):
+        return results.get((shape, backend), {}).get(mode, {}).get(key)
+    print("\ntargets (default CPU backend = tiled, with RPB):")
+    natten, tiled = get("stage1", "natten", "fwd", "ms"), get("stage1", "tiled", "fwd", "ms")
+    if natten and tiled:
+        print(f"  stage-1 forward speed-up over NATTEN na2d (no RPB): {natten / tiled:.1f}x  (target >= 50x)")
+    half, full = get("det-half", "tiled", "fwd", "peak_mb"), get("det", "tiled", "fwd", "peak_mb")
+    if half and full:
+        print(f"  peak memory, 200x336 over 100x168: {full / half:.2f}x  (target <= 4.4x)")
+    d1, d8 = get("stage1", "tiled", "fwd", "ms"), get("stage1-d8", "tiled", "fwd", "ms")
+    if d1 and d8:
+        print(f"  dilation 8 over dilation 1 at stage 1, forward: {d8 / d1:.2f}x  (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
