@@ -80,6 +80,31 @@ def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPl
     return AxisPlan(torch.cat(queries), torch.cat(keys), torch.cat(biases), tile_of, slot_of)
 
 
+class GridPlan(NamedTuple):
+    """Both axes combined, as flat ``row * width + col`` indices (tile-major order)."""
+    rows: AxisPlan
+    cols: AxisPlan
+    query_index: torch.Tensor   # [tiles * Tr * Tc]
+    key_index: torch.Tensor     # [tiles * Hkr * Hkc]
+    output_index: torch.Tensor  # [height * width]: flat query slot of every position
+
+
+@functools.lru_cache(maxsize=64)
+def grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
+    """Build (and cache) the 2-D tiling from the two axis plans."""
+    rows = axis_plan(height, kernel_size[0], dilation[0], tile[0])
+    cols = axis_plan(width, kernel_size[1], dilation[1], tile[1])
+
+    def flat(row_index, col_index):  # [tr, Tr] x [tc, Tc] -> [tr, tc, Tr, Tc] flattened
+        return (row_index[:, None, :, None] * width + col_index[None, :, None, :]).reshape(-1)
+
+    tiles_c = len(cols.query_index)
+    tile_major = rows.tile_of[:, None] * tiles_c + cols.tile_of[None, :]
+    output_index = (tile_major * tile[0] + rows.slot_of[:, None]) * tile[1] + cols.slot_of[None, :]
+    return GridPlan(rows, cols, flat(rows.query_index, cols.query_index), flat(rows.key_index, cols.key_index),
+                    output_index.reshape(-1))
+
+
 def _bias_table(rpb: Optional[torch.Tensor], heads: int, kernel_size, dtype, device) -> torch.Tensor:
     """RPB (or zeros) with one extra row and column of -inf, addressed by _MASKED."""
     if rpb is None:
@@ -90,19 +115,18 @@ def _bias_table(rpb: Optional[torch.Tensor], heads: int, kernel_size, dtype, dev
 
 
 def _pair_bias(table: torch.Tensor, rows: AxisPlan, cols: AxisPlan) -> torch.Tensor:
-    """[heads, tiles_r * tiles_c, Tr*Tc, Hkr*Hkc] additive bias for every tile."""
+    """[heads * tiles, Tr*Tc, Hkr*Hkc] additive bias (RPB or -inf) for every tile."""
     br, bc = rows.bias_index, cols.bias_index
     bias = table[:, br[:, None, :, None, :, None], bc[None, :, None, :, None, :]]
     heads, tr, tc, qr, qc, kr, kc = bias.shape
-    return bias.reshape(heads, tr * tc, qr * qc, kr * kc)
+    return bias.reshape(heads * tr * tc, qr * qc, kr * kc)
 
 
-def _gather_tiles(x: torch.Tensor, row_index: torch.Tensor, col_index: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, heads, D] -> [B, heads * tiles_r * tiles_c, n_r * n_c, D] in one gather."""
-    b, _, _, heads, dim = x.shape
-    tiles = x.permute(0, 3, 1, 2, 4)[:, :, row_index[:, None, :, None], col_index[None, :, None, :]]
-    tr, tc, nr, nc = tiles.shape[2:6]
-    return tiles.reshape(b, heads * tr * tc, nr * nc, dim)
+def _tiles(x: torch.Tensor, index: torch.Tensor, tile_len: int) -> torch.Tensor:
+    """[B, H, W, heads, D] -> [B, heads * tiles, tile_len, D]: one heads-first copy, one row gather."""
+    b, height, width, heads, dim = x.shape
+    rows = x.permute(0, 3, 1, 2, 4).reshape(b, heads, height * width, dim)
+    return rows.index_select(2, index).view(b, -1, tile_len, dim)
 
 
 def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
@@ -113,21 +137,19 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
     b, height, width, heads, dim = query.shape
     if tile is None:
         tile = (choose_tile(height, kernel_size[0], dilation[0]), choose_tile(width, kernel_size[1], dilation[1]))
-    rows = axis_plan(height, kernel_size[0], dilation[0], tile[0])
-    cols = axis_plan(width, kernel_size[1], dilation[1], tile[1])
-    rows, cols = (AxisPlan(*(t.to(query.device) for t in p)) for p in (rows, cols))
+    plan = grid_plan(height, width, tuple(kernel_size), tuple(dilation), tuple(tile))
+    device = query.device
+    query_len = tile[0] * tile[1]
+    halo_len = plan.rows.key_index.shape[1] * plan.cols.key_index.shape[1]
 
-    q = _gather_tiles(query, rows.query_index, cols.query_index)
-    k = _gather_tiles(key, rows.key_index, cols.key_index)
-    v = _gather_tiles(value, rows.key_index, cols.key_index)
-    bias = _pair_bias(_bias_table(rpb, heads, kernel_size, query.dtype, query.device), rows, cols)
-    bias = bias.reshape(1, -1, *bias.shape[2:])
+    q = _tiles(query, plan.query_index.to(device), query_len)
+    k = _tiles(key, plan.key_index.to(device), halo_len)
+    v = _tiles(value, plan.key_index.to(device), halo_len)
+    rows = AxisPlan(*(t.to(device) for t in plan.rows))
+    cols = AxisPlan(*(t.to(device) for t in plan.cols))
+    bias = _pair_bias(_bias_table(rpb, heads, kernel_size, query.dtype, device), rows, cols)
 
     # Fused on CPU when nothing needs a gradient; its math path otherwise (exact either way).
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # [B, heads*tiles, Tr*Tc, D]
-
-    tr, tc = len(rows.query_index), len(cols.query_index)
-    out = out.view(b, heads, tr, tc, tile[0], tile[1], dim).permute(0, 2, 3, 4, 5, 1, 6)
-    r_tile, r_slot = rows.tile_of[:, None], rows.slot_of[:, None]
-    c_tile, c_slot = cols.tile_of[None, :], cols.slot_of[None, :]
-    return out[:, r_tile, c_tile, r_slot, c_slot]                      # [B, H, W, heads, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
+    out = out.view(b, heads, -1, dim).transpose(1, 2).index_select(1, plan.output_index.to(device))
+    return out.view(b, height, width, heads, dim)
