@@ -1,0 +1,640 @@
+""" NAT and DiNAT: (Dilated) Neighborhood Attention Transformers
+
+A timm implementation of
+* `Neighborhood Attention Transformer` - https://arxiv.org/abs/2204.07143
+* `Dilated Neighborhood Attention Transformer` - https://arxiv.org/abs/2209.15001
+
+that loads the published checkpoints (https://github.com/SHI-Labs/Neighborhood-Attention-Transformer,
+MIT licence) in both the original layout and the transformers (``shi-labs/*`` Hub) layout.
+DiNAT is NAT with per-block dilations, so both families are the one ``Nat`` class.
+
+Layout follows timm's Swin: channels-last inside the stages, the downsampler at the start of
+stages 1..3, so stage outputs (``feature_info``, ``forward_intermediates``) are the
+pre-downsample maps a detection backbone taps.
+"""
+import re
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq, named_apply
+from timm.models._registry import generate_default_cfgs, register_model
+
+from ..layers import NeighborhoodAttentionBlock
+from ..pretrained import registry_default_cfgs, weights_unavailable_error
+
+__all__ = ['Nat', 'checkpoint_filter_fn']
+
+_int_or_tuple_2_t = Union[int, Tuple[int, int]]
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convs (no activation between, as published) then a norm: NCHW in, NHWC out."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            embed_dim: int = 64,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1, **dd),
+            nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1, **dd),
+        )
+        self.norm = norm_layer(embed_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvDownsample(nn.Module):
+    """3x3 stride-2 conv (no bias) doubling channels, then a norm: NHWC in and out."""
+
+    def __init__(
+            self,
+            dim: int,
+            out_dim: int,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False, **dd)
+        self.norm = norm_layer(out_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NatStage(nn.Module):
+    """Optional downsampler, then neighborhood-attention blocks (one dilation per block)."""
+
+    def __init__(
+            self,
+            dim: int,
+            out_dim: int,
+            depth: int,
+            downsample: bool = True,
+            num_heads: int = 4,
+            kernel_size: _int_or_tuple_2_t = 7,
+            dilations: Optional[Sequence[int]] = None,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            ls_init_value: Optional[float] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: Union[List[float], float] = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = ConvDownsample(dim, out_dim, norm_layer=norm_layer, **dd)
+        else:
+            assert dim == out_dim
+            self.downsample = nn.Identity()
+        dilations = dilations or (1,) * depth
+        self.blocks = nn.Sequential(*[
+            NeighborhoodAttentionBlock(
+                dim=out_dim,
+                num_heads=num_heads,
+                kernel_size=kernel_size,
+                dilation=dilations[i],
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                ls_init_value=ls_init_value,
+                proj_drop=proj_drop,
+                attn_drop=attn_drop,
+                drop_path=drop_path[i] if isinstance(drop_path, (list, tuple)) else drop_path,
+                norm_layer=norm_layer,
+                **dd,
+            )
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class Nat(nn.Module):
+    """(Dilated) Neighborhood Attention Transformer.
+
+    NAT: ``dilations=None``. DiNAT: ``dilations`` gives one dilation per block of every stage.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 64,
+            depths: Tuple[int, ...] = (3, 4, 6, 5),
+            num_heads: Tuple[int, ...] = (2, 4, 8, 16),
+            kernel_size: _int_or_tuple_2_t = 7,
+            dilations: Optional[Sequence[Sequence[int]]] = None,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = True,
+            ls_init_value: Optional[float] = None,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            in_chans: Input image channels.
+            num_classes: Classifier classes (0 for no classifier).
+            global_pool: Global pooling type of the head.
+            embed_dim: Channels of the first stage; doubled by every downsampler.
+            depths: Blocks per stage.
+            num_heads: Attention heads per stage.
+            kernel_size: Neighbourhood size of every block.
+            dilations: Per stage, one dilation per block (DiNAT); None for all ones (NAT).
+            mlp_ratio: MLP hidden size as a multiple of the block's channels.
+            qkv_bias: Bias in the qkv projections.
+            ls_init_value: Layer-scale init value; no layer scale if None.
+            drop_rate: Classifier dropout rate.
+            proj_drop_rate: Dropout after attention projections and in the MLPs.
+            attn_drop_rate: Attention-probability dropout (must be 0, see NeighborhoodAttention2d).
+            drop_path_rate: Stochastic depth rate, rising linearly over all blocks.
+            norm_layer: Normalisation layer (channels-last).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        _check_stage_args(depths, num_heads, dilations)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC'
+        self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
+        dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
+
+        self.patch_embed = ConvStem(in_chans, dims[0], norm_layer=norm_layer, **dd)
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        stages = []
+        self.feature_info = []
+        in_dim, reduction = dims[0], 4
+        for i in range(num_stages):
+            if i > 0:
+                reduction *= 2
+            stages += [NatStage(
+                dim=in_dim,
+                out_dim=dims[i],
+                depth=depths[i],
+                downsample=i > 0,
+                num_heads=num_heads[i],
+                kernel_size=kernel_size,
+                dilations=dilations[i] if dilations is not None else None,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                ls_init_value=ls_init_value,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
+                **dd,
+            )]
+            in_dim = dims[i]
+            self.feature_info += [dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}')]
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head = ClassifierHead(
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            input_fmt=self.output_fmt,
+            **dd,
+        )
+        named_apply(_init_weights, self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Relative positional bias tables, exempt from weight decay as in the original training."""
+        return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups (stem, per-block, final norm) for layer-wise LR decay."""
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Enable or disable gradient checkpointing of the blocks."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (``num_classes=0`` removes it); optionally change the pooling."""
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns stage outputs (before the next stage's downsampler).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            norm: Apply the final norm to the last stage's intermediate.
+            stop_early: Stop after the last stage needed.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: Only return the intermediates.
+        Returns:
+            List of intermediates, or a tuple of (final NHWC features, intermediates).
+        """
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        num_stages = len(self.stages)
+        x = self.patch_embed(x)
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        i = 0
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                # final norm is sized for (and only applied to) the last stage
+                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
+                if output_fmt == 'NCHW':
+                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(x_inter)
+        if intermediates_only:
+            return intermediates
+        if i == num_stages - 1:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and norm/head) not needed for the given intermediates; returns kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            # features now end at the last kept stage; the head was sized for the final features
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, stages and final norm; returns NHWC features."""
+        x = self.patch_embed(x)
+        x = self.stages(x)
+        x = self.norm(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool NHWC features and classify (or return the pooled features if ``pre_logits``)."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _check_stage_args(depths, num_heads, dilations) -> None:
+    if len(num_heads) != len(depths):
+        raise ValueError(f"num_heads {tuple(num_heads)} needs one entry per stage of depths {tuple(depths)}")
+    if dilations is None:
+        return
+    if len(dilations) != len(depths) or any(len(d) != n for d, n in zip(dilations, depths)):
+        raise ValueError(
+            f"dilations must give one dilation per block of every stage (depths {tuple(depths)}), "
+            f"got {[tuple(d) for d in dilations]}")
+
+
+def _init_weights(module: nn.Module, name: str = '') -> None:
+    """Published init: truncated-normal linears with zero bias (norms, convs, RPB init themselves)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint conversion: transformers (shi-labs/* Hub) and original (.pth) layouts -> timm
+# ----------------------------------------------------------------------------------------------
+
+_CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
+
+# per-block renames, transformers -> timm (order matters: 'attention.output.dense' before 'output.dense')
+_TRANSFORMERS_BLOCK_RENAMES = (
+    ('layernorm_before.', 'norm1.'),
+    ('attention.self.rpb', 'attn.rpb'),
+    ('attention.output.dense.', 'attn.proj.'),
+    ('layernorm_after.', 'norm2.'),
+    ('intermediate.dense.', 'mlp.fc1.'),
+    ('output.dense.', 'mlp.fc2.'),
+)
+_ORIGINAL_BLOCK_RENAMES = (('gamma1', 'ls1.gamma'), ('gamma2', 'ls2.gamma'))
+
+
+def _rename_prefix(rest: str, renames) -> str:
+    for old, new in renames:
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def _checkpoint_format(state_dict: Dict[str, Any]) -> str:
+    """'transformers', 'original' or 'timm', from the key names."""
+    if any(k.startswith(('nat.', 'dinat.', 'embeddings.', 'encoder.')) for k in state_dict):
+        return 'transformers'
+    if any(k.startswith('levels.') for k in state_dict):
+        return 'original'
+    return 'timm'
+
+
+def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    qkv_parts = defaultdict(dict)  # fused qkv name -> {'query': w, 'key': w, 'value': w}
+    for k, v in state_dict.items():
+        k = re.sub(r'^(di)?nat\.', '', k)
+        if m := re.match(r'encoder\.levels\.(\d+)\.layers\.(\d+)\.(.+)$', k):
+            block, rest = f'stages.{m[1]}.blocks.{m[2]}.', m[3]
+            if rest == 'layer_scale_parameters':  # [2, dim]: attention gamma, then MLP gamma
+                out[block + 'ls1.gamma'], out[block + 'ls2.gamma'] = v[0], v[1]
+            elif qkv := re.match(r'attention\.self\.(query|key|value)\.(weight|bias)$', rest):
+                qkv_parts[f'{block}attn.qkv.{qkv[2]}'][qkv[1]] = v
+            else:
+                out[block + _rename_prefix(rest, _TRANSFORMERS_BLOCK_RENAMES)] = v
+        elif m := re.match(r'encoder\.levels\.(\d+)\.downsample\.(.+)$', k):
+            # transformers downsamples at the end of a level, timm at the start of the next stage
+            out[f'stages.{int(m[1]) + 1}.downsample.{m[2]}'] = v
+        else:
+            out[_rename_prefix(k, (
+                ('embeddings.patch_embeddings.projection.', 'patch_embed.proj.'),
+                ('embeddings.norm.', 'patch_embed.norm.'),
+                ('layernorm.', 'norm.'),
+                ('classifier.', 'head.fc.'),
+            ))] = v
+    for name, parts in qkv_parts.items():
+        if set(parts) != {'query', 'key', 'value'}:
+            raise RuntimeError(f"incomplete query/key/value for {name}: only {sorted(parts)} in the checkpoint")
+        out[name] = torch.cat([parts['query'], parts['key'], parts['value']], dim=0)
+    return out
+
+
+def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state_dict.items():
+        if m := re.match(r'levels\.(\d+)\.blocks\.(\d+)\.(.+)$', k):
+            k = f'stages.{m[1]}.blocks.{m[2]}.' + _rename_prefix(m[3], _ORIGINAL_BLOCK_RENAMES)
+        elif m := re.match(r'levels\.(\d+)\.downsample\.(.+)$', k):
+            k = f'stages.{int(m[1]) + 1}.downsample.{m[2]}'
+        elif k.startswith('head.'):
+            k = 'head.fc.' + k[len('head.'):]
+        out[k] = v
+    return out
+
+
+def _check_against_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Strict key/shape check. The classifier is left to timm's ``load_pretrained``, which drops or
+    keeps it depending on ``num_classes`` (and whose strict load then checks it)."""
+    expected = model.state_dict()
+    leftover = [k for k in state_dict if k not in expected and k not in _CLASSIFIER_KEYS]
+    missing = [k for k in expected if k not in state_dict and k not in _CLASSIFIER_KEYS]
+    mismatched = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items()
+        if k in expected and k not in _CLASSIFIER_KEYS and v.shape != expected[k].shape]
+    problems = []
+    if leftover:
+        problems.append(f"{len(leftover)} unexpected key(s): {', '.join(leftover)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched)}")
+    if problems:
+        raise RuntimeError(
+            "checkpoint does not match the model (wrong architecture or arguments?): " + ". ".join(problems))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert a published NAT/DiNAT checkpoint to this model's naming and check it strictly.
+
+    Accepts the transformers layout (``nat.``/``dinat.`` prefixed or headless, separate
+    query/key/value, ``layer_scale_parameters`` [2, dim], ``classifier``), the original
+    repository's ``.pth`` layout (``levels.i.blocks.j``, ``gamma1``/``gamma2``, ``head``),
+    optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout.
+    Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
+    see :func:`_check_against_model`).
+    """
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    fmt = _checkpoint_format(state_dict)
+    if fmt == 'transformers':
+        state_dict = _from_transformers(state_dict)
+    elif fmt == 'original':
+        state_dict = _from_original(state_dict)
+    _check_against_model(state_dict, model)
+    return state_dict
+
+
+def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> Nat:
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
+    try:
+        return build_model_with_cfg(
+            Nat, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            # the getter wraps forward_intermediates, so features_only maps are NCHW stage outputs
+            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+            **kwargs)
+    except OSError as err:  # download / Hub cache / file access failures (all OSError subclasses)
+        if not pretrained:
+            raise
+        cfg = resolve_pretrained_cfg(
+            variant,
+            pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+        ).to_dict()
+        name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+        raise weights_unavailable_error(name, cfg, err) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
+# ----------------------------------------------------------------------------------------------
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj.0', 'classifier': 'head.fc',
+        'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
+        **kwargs,
+    }
+
+
+_ARCHITECTURES = (
+    'nat_mini', 'nat_tiny', 'nat_small', 'nat_base',
+    'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base',
+    'dinat_large', 'dinat_large_384', 'dinat_large_384_11x11',
+)
+
+default_cfgs = generate_default_cfgs(registry_default_cfgs(_ARCHITECTURES, _cfg))
+
+
+def _dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+    """DiNAT's schedule: blocks alternate dilation 1 (local) and the stage's dilation (sparse global)."""
+    return tuple(
+        tuple(1 if j % 2 == 0 else d for j in range(depth))
+        for depth, d in zip(depths, stage_dilations))
+
+
+_DEPTHS_MINI = (3, 4, 6, 5)
+_DEPTHS = (3, 4, 18, 5)
+_DILATIONS_224 = (8, 4, 2, 1)  # stage dilations for 224 inputs (56, 28, 14, 7 maps, kernel 7)
+_DILATIONS_384 = (13, 6, 3, 1)  # for 384 inputs (96, 48, 24, 12 maps)
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> Nat:
+    """NAT-Mini."""
+    model_args = dict(embed_dim=64, depths=_DEPTHS_MINI, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7)
+    return _create_nat('nat_mini', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> Nat:
+    """NAT-Tiny."""
+    model_args = dict(embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7)
+    return _create_nat('nat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> Nat:
+    """NAT-Small (layer scale)."""
+    model_args = dict(
+        embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5)
+    return _create_nat('nat_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> Nat:
+    """NAT-Base (layer scale)."""
+    model_args = dict(
+        embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5)
+    return _create_nat('nat_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Mini."""
+    model_args = dict(
+        embed_dim=64, depths=_DEPTHS_MINI, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
+        dilations=_dinat_dilations(_DEPTHS_MINI, _DILATIONS_224))
+    return _create_nat('dinat_mini', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Tiny."""
+    model_args = dict(
+        embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
+        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+    return _create_nat('dinat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Small (no layer scale, unlike NAT-Small)."""
+    model_args = dict(
+        embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2., kernel_size=7,
+        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+    return _create_nat('dinat_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Base (layer scale)."""
+    model_args = dict(
+        embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5,
+        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+    return _create_nat('dinat_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_large(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Large, 224 (no layer scale)."""
+    model_args = dict(
+        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7,
+        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+    return _create_nat('dinat_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_large_384(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Large, 384 (dilations scaled to the larger maps)."""
+    model_args = dict(
+        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7,
+        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_384))
+    return _create_nat('dinat_large_384', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> Nat:
+    """DiNAT-Large, 384, 11x11 kernel (with the 224 dilations)."""
+    model_args = dict(
+        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=11,
+        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+    return _create_nat('dinat_large_384_11x11', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,122 @@
+"""Pretrained-weight facts, read from the checkpoint registry ``weights/checkpoints.toml``.
+
+Every published fact (Hub repo, original ``.pth`` URL, classes, input size, crop, top-1,
+params, GFLOPs, licence, paper, provenance) lives in that one file; model modules turn its
+entries into timm pretrained cfgs with :func:`registry_default_cfgs`.
+"""
+from __future__ import annotations
+
+import functools
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+__all__ = [
+    "registry_path",
+    "load_registry",
+    "registry_entries",
+    "registry_default_cfgs",
+    "weights_unavailable_error",
+]
+
+_REGISTRY_NAME = "checkpoints.toml"
+
+
+def registry_path() -> Path:
+    """Location of ``checkpoints.toml``: inside the package (wheel) or beside it (source tree)."""
+    package_dir = Path(__file__).resolve().parent
+    candidates = (package_dir / "weights" / _REGISTRY_NAME, package_dir.parent / "weights" / _REGISTRY_NAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"checkpoint registry {_REGISTRY_NAME} not found; looked at " + ", ".join(str(c) for c in candidates))
+
+
+@functools.lru_cache(maxsize=None)
+def load_registry() -> tuple:
+    """All ``[[checkpoint]]`` entries of the registry, in file order (read once)."""
+    with registry_path().open("rb") as f:
+        entries = tomllib.load(f).get("checkpoint", [])
+    return tuple(entries)
+
+
+def registry_entries(architectures: Sequence[str]) -> List[Dict[str, Any]]:
+    """Registry entries of the given architectures, in registry order.
+
+    Raises if an architecture has no entry, so a typo cannot silently leave a model without weights.
+    """
+    entries = [dict(e) for e in load_registry() if e["model"] in architectures]
+    missing = sorted(set(architectures) - {e["model"] for e in entries})
+    if missing:
+        raise KeyError(f"no checkpoint registry entry for {missing} in {registry_path()}")
+    return entries
+
+
+def _description(entry: Dict[str, Any]) -> str:
+    """Human summary of the published numbers (absent ones are left out)."""
+    facts = []
+    if "top1" in entry:
+        facts.append(f"ImageNet-1k top-1 {entry['top1']}%")
+    if "params_m" in entry:
+        facts.append(f"{entry['params_m']}M params")
+    if "gflops" in entry:
+        facts.append(f"{entry['gflops']} GFLOPs")
+    facts.append(f"{entry['num_classes']} classes at {entry['input_size'][1]}x{entry['input_size'][2]}")
+    return ", ".join(facts)
+
+
+def _cfg_fields(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """timm ``PretrainedCfg`` fields for one registry entry."""
+    input_size = tuple(entry["input_size"])
+    fields = dict(
+        url=entry.get("url", ""),
+        num_classes=entry["num_classes"],
+        input_size=input_size,
+        # final map of these 32x-reducing backbones (timm records it for the head)
+        pool_size=(input_size[1] // 32, input_size[2] // 32),
+        crop_pct=entry["crop_pct"],
+        license=entry["license"],
+        paper_ids=entry["paper"].replace("arxiv:", "arXiv:"),
+        description=_description(entry),
+        notes=(entry["source"],) if "source" in entry else None,
+    )
+    if "hf_hub_id" in entry:
+        fields.update(hf_hub_id=entry["hf_hub_id"], hf_hub_filename=entry["hf_hub_filename"])
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def registry_default_cfgs(
+        architectures: Sequence[str],
+        make_cfg: Callable[..., Dict[str, Any]],
+) -> Dict[str, Dict[str, Any]]:
+    """``{'arch.tag': cfg}`` for every registry entry of ``architectures``, ready for
+    ``timm.models.generate_default_cfgs``.
+
+    ``make_cfg(**fields)`` is the model family's ``_cfg`` (its fixed conventions: mean/std,
+    interpolation, first conv, classifier); ``fields`` come from the registry. Registry order is
+    kept, so an architecture's first listed tag is its default.
+    """
+    return {f"{e['model']}.{e['tag']}": make_cfg(**_cfg_fields(e)) for e in registry_entries(architectures)}
+
+
+def weights_unavailable_error(model_name: str, pretrained_cfg: Dict[str, Any], cause: BaseException) -> RuntimeError:
+    """An error that says where the weights were looked for and how to provide them."""
+    hub_id, filename = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("hf_hub_filename") or "pytorch_model.bin"
+    url, file = pretrained_cfg.get("url"), pretrained_cfg.get("file")
+    if file:
+        where = f"the local file {file!r}"
+    elif hub_id:
+        where = f"the Hugging Face Hub repo {hub_id!r} (file {filename!r}; offline or not in the Hub cache?)"
+    else:
+        where = f"{url!r}"
+    fixes = ["go online (unset HF_HUB_OFFLINE) so the file can be downloaded and cached"]
+    if hub_id:
+        fixes.append(f"or fetch it elsewhere (`hf download {hub_id} {filename}`) and copy the Hub cache over")
+    fixes.append(f"or pass pretrained_cfg_overlay=dict(file='/path/to/{filename if hub_id else 'weights.pth'}')"
+                 " to timm.create_model")
+    if url:
+        fixes.append(f"(the original-layout checkpoint {url} loads the same way)")
+    return RuntimeError(
+        f"Could not load pretrained weights for {model_name!r} from {where}: "
+        f"{type(cause).__name__}: {str(cause).rstrip('.')}. To fix: " + "; ".join(fixes) + ".")
