@@ -81,12 +81,18 @@ def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPl
 
 
 class GridPlan(NamedTuple):
-    """Both axes combined, as flat ``row * width + col`` indices (tile-major order)."""
-    rows: AxisPlan
-    cols: AxisPlan
+    """Both axes combined, as flat ``row * width + col`` indices (tile-major order).
+
+    Tiles with equal bias patterns share a class (all interior tiles do), so the bias is built
+    per class pair and copied to tiles block-wise instead of gathered element by element.
+    """
     query_index: torch.Tensor   # [tiles * Tr * Tc]
     key_index: torch.Tensor     # [tiles * Hkr * Hkc]
     output_index: torch.Tensor  # [height * width]: flat query slot of every position
+    row_bias: torch.Tensor      # [row classes, Tr, Hkr]: RPB row index, or _MASKED
+    col_bias: torch.Tensor      # [col classes, Tc, Hkc]
+    tile_class: torch.Tensor    # [tiles]: row class * col classes + col class
+    halo: tuple                 # (Hkr, Hkc)
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,8 +107,12 @@ def grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile
     tiles_c = len(cols.query_index)
     tile_major = rows.tile_of[:, None] * tiles_c + cols.tile_of[None, :]
     output_index = (tile_major * tile[0] + rows.slot_of[:, None]) * tile[1] + cols.slot_of[None, :]
-    return GridPlan(rows, cols, flat(rows.query_index, cols.query_index), flat(rows.key_index, cols.key_index),
-                    output_index.reshape(-1))
+    row_bias, row_class = rows.bias_index.unique(dim=0, return_inverse=True)
+    col_bias, col_class = cols.bias_index.unique(dim=0, return_inverse=True)
+    tile_class = (row_class[:, None] * len(col_bias) + col_class[None, :]).reshape(-1)
+    return GridPlan(flat(rows.query_index, cols.query_index), flat(rows.key_index, cols.key_index),
+                    output_index.reshape(-1), row_bias, col_bias, tile_class,
+                    (rows.key_index.shape[1], cols.key_index.shape[1]))
 
 
 def _bias_table(rpb: Optional[torch.Tensor], heads: int, kernel_size, dtype, device) -> torch.Tensor:
@@ -114,19 +124,23 @@ def _bias_table(rpb: Optional[torch.Tensor], heads: int, kernel_size, dtype, dev
     return F.pad(table, (0, 1, 0, 1), value=-math.inf)
 
 
-def _pair_bias(table: torch.Tensor, rows: AxisPlan, cols: AxisPlan) -> torch.Tensor:
-    """[heads * tiles, Tr*Tc, Hkr*Hkc] additive bias (RPB or -inf) for every tile."""
-    br, bc = rows.bias_index, cols.bias_index
+def _tile_bias(table: torch.Tensor, plan: GridPlan) -> torch.Tensor:
+    """[1, heads * tiles, Tr*Tc, Hkr*Hkc] additive bias (RPB or -inf) of every tile."""
+    br, bc = plan.row_bias, plan.col_bias
     bias = table[:, br[:, None, :, None, :, None], bc[None, :, None, :, None, :]]
-    heads, tr, tc, qr, qc, kr, kc = bias.shape
-    return bias.reshape(heads * tr * tc, qr * qc, kr * kc)
+    heads, cr, cc, qr, qc, kr, kc = bias.shape
+    bias = bias.reshape(heads, cr * cc, qr * qc, kr * kc).index_select(1, plan.tile_class)
+    return bias.view(1, -1, qr * qc, kr * kc)
 
 
 def _tiles(x: torch.Tensor, index: torch.Tensor, tile_len: int) -> torch.Tensor:
-    """[B, H, W, heads, D] -> [B, heads * tiles, tile_len, D]: one heads-first copy, one row gather."""
+    """[B, H, W, heads, D] -> [B, heads * tiles, tile_len, D]: one heads-first copy, one row gather.
+
+    The copy matters: index_select over a strided view is ~5x slower than over contiguous rows.
+    """
     b, height, width, heads, dim = x.shape
-    rows = x.permute(0, 3, 1, 2, 4).reshape(b, heads, height * width, dim)
-    return rows.index_select(2, index).view(b, -1, tile_len, dim)
+    rows = x.permute(0, 3, 1, 2, 4).contiguous().view(b * heads, height * width, dim)
+    return rows.index_select(1, index).view(b, -1, tile_len, dim)
 
 
 def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
@@ -138,18 +152,15 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
     if tile is None:
         tile = (choose_tile(height, kernel_size[0], dilation[0]), choose_tile(width, kernel_size[1], dilation[1]))
     plan = grid_plan(height, width, tuple(kernel_size), tuple(dilation), tuple(tile))
-    device = query.device
-    query_len = tile[0] * tile[1]
-    halo_len = plan.rows.key_index.shape[1] * plan.cols.key_index.shape[1]
+    plan = GridPlan(*(t.to(query.device) if isinstance(t, torch.Tensor) else t for t in plan))
+    halo_len = plan.halo[0] * plan.halo[1]
 
-    q = _tiles(query, plan.query_index.to(device), query_len)
-    k = _tiles(key, plan.key_index.to(device), halo_len)
-    v = _tiles(value, plan.key_index.to(device), halo_len)
-    rows = AxisPlan(*(t.to(device) for t in plan.rows))
-    cols = AxisPlan(*(t.to(device) for t in plan.cols))
-    bias = _pair_bias(_bias_table(rpb, heads, kernel_size, query.dtype, device), rows, cols)
+    q = _tiles(query, plan.query_index, tile[0] * tile[1])
+    k = _tiles(key, plan.key_index, halo_len)
+    v = _tiles(value, plan.key_index, halo_len)
+    bias = _tile_bias(_bias_table(rpb, heads, kernel_size, query.dtype, query.device), plan)
 
     # Fused on CPU when nothing needs a gradient; its math path otherwise (exact either way).
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=scale)
-    out = out.view(b, heads, -1, dim).transpose(1, 2).index_select(1, plan.output_index.to(device))
-    return out.view(b, height, width, heads, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    out = out.view(b * heads, -1, dim).index_select(1, plan.output_index)
+    return out.view(b, heads, height, width, dim).permute(0, 2, 3, 1, 4)
