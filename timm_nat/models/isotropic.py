@@ -1,0 +1,526 @@
+""" Isotropic NAT, DiNAT and ViT-RPB
+
+A timm implementation of the isotropic (ViT-like, single resolution) models of
+`Dilated Neighborhood Attention Transformer` - https://arxiv.org/abs/2209.15001
+
+that loads the published checkpoints (https://github.com/SHI-Labs/Neighborhood-Attention-Transformer,
+``classification/isotropic.py``, MIT licence): a 16x16 patch embedding, then a plain stack of
+pre-norm blocks at 1/16 resolution whose attention is
+* NAT-isotropic: neighborhood attention with relative positional bias (RPB);
+* DiNAT-isotropic: the same, with dilation on every odd block;
+* ViT-RPB: global self-attention with a [heads, 2H-1, 2W-1] RPB table over the (H, W) map.
+
+Unlike the original, which only ran at its training resolution, every model takes any input
+size: inputs are padded to a multiple of the patch, neighborhood attention pads maps smaller
+than kernel x dilation (as the hierarchical models do), and ViT-RPB resizes its bias table to
+the actual map with timm's ``resize_rel_pos_bias_table`` (see :class:`RelPosGlobalAttention`).
+"""
+import re
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype,
+    resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
+)
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
+from timm.models._registry import generate_default_cfgs, register_model
+
+from ..attention import na2d
+from ..layers import NeighborhoodAttentionBlock
+from ..pretrained import registry_default_cfgs
+from ._helpers import build_model_or_explain, unwrap_state_dict
+from .nat import _check_against_model
+
+__all__ = ['NatIsotropic', 'RelPosGlobalAttention']  # checkpoint_filter_fn stays module-level
+
+
+def _global_attention_dense(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rel_pos_bias: torch.Tensor,
+        scale: float,
+) -> torch.Tensor:
+    """Global attention with RPB over a [B, H, W, heads, D] map, via SDPA and an explicit bias.
+
+    Used where ``na2d`` cannot run (its kernel must be >= 2 per axis, so 1-wide maps); same
+    result: the bias of query (i, j) for key (m, n) is ``rel_pos_bias[:, m - i + H - 1, n - j + W - 1]``.
+    """
+    batch, height, width, heads, head_dim = q.shape
+    rows, cols = torch.arange(height, device=q.device), torch.arange(width, device=q.device)
+    row_offsets = rows[None, :] - rows[:, None] + height - 1  # [query row, key row]
+    col_offsets = cols[None, :] - cols[:, None] + width - 1
+    bias = rel_pos_bias[:, row_offsets[:, None, :, None], col_offsets[None, :, None, :]]  # [heads, H, W, H, W]
+    bias = bias.reshape(heads, height * width, height * width).to(q.dtype)
+    q, k, v = (t.reshape(batch, height * width, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return x.transpose(1, 2).reshape(batch, height, width, heads, head_dim)
+
+
+class RelPosGlobalAttention(nn.Module):
+    """Global multi-head self-attention with a learned relative positional bias (ViT-RPB).
+
+    NHWC in and out. The bias table ``rpb`` [heads, 2H-1, 2W-1] holds one value per relative
+    offset of the native feature map (H, W) (``img_size // patch_size``). Maps of another size
+    use the table resized to [heads, 2h-1, 2w-1] by timm's ``resize_rel_pos_bias_table``
+    (geometric-progression resampling from BEiT, as timm resizes relative position tables of
+    checkpoints), recomputed on every such forward so that it stays differentiable.
+
+    Global attention over an (h, w) map is neighborhood attention with kernel (h, w) (every
+    window is the whole map, bias index = key - query + size - 1), so it runs on ``na2d``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            feat_size: Tuple[int, int],
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            dim: Channels of input and output.
+            num_heads: Attention heads (must divide ``dim``).
+            feat_size: Native feature map (H, W) the bias table is sized for.
+            qkv_bias: Bias in the fused qkv projection.
+            qk_scale: Logit scale, default ``head_dim ** -0.5``.
+            attn_drop: Attention-probability dropout; must be 0 (``na2d`` never materialises them).
+            proj_drop: Dropout after the output projection.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        if attn_drop > 0:
+            raise NotImplementedError(
+                "attention-probability dropout is not supported: the fused na2d operator never materialises "
+                "the attention probabilities (no published ViT-RPB model used it)")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.feat_size = to_2tuple(feat_size)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        height, width = self.feat_size
+        self.rpb = nn.Parameter(torch.empty(num_heads, 2 * height - 1, 2 * width - 1, **dd))
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the RPB table as published (the linears are initialised by the model)."""
+        trunc_normal_(self.rpb, std=.02)
+
+    def rel_pos_bias_table(self, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The bias table for an (h, w) map: ``rpb`` itself at the native size, else resized."""
+        height, width = feat_size
+        if (height, width) == self.feat_size:
+            return self.rpb
+        return resize_rel_pos_bias_table(
+            self.rpb,
+            new_window_size=(height, width),
+            new_bias_shape=(self.num_heads, 2 * height - 1, 2 * width - 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(3)
+        rel_pos_bias = self.rel_pos_bias_table((height, width))
+        if height >= 2 and width >= 2:
+            x = na2d(q, k, v, kernel_size=(height, width), rpb=rel_pos_bias, scale=self.scale)
+        else:
+            x = _global_attention_dense(q, k, v, rel_pos_bias, self.scale)
+        x = self.proj(x.reshape(batch, height, width, channels))
+        return self.proj_drop(x)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, feat_size={self.feat_size}"
+
+
+class RelPosGlobalBlock(nn.Module):
+    """Pre-norm transformer block with global RPB attention (ViT-RPB).
+
+    Same layout and parameter names as :class:`~timm_nat.layers.NeighborhoodAttentionBlock`
+    (``norm1``/``attn``/``norm2``/``mlp``), which has no way to take another attention module.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            feat_size: Tuple[int, int],
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = RelPosGlobalAttention(
+            dim, num_heads, feat_size, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class NatIsotropic(nn.Module):
+    """Isotropic NAT / DiNAT (neighborhood attention) and ViT-RPB (``kernel_size=None``: global attention)."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 384,
+            depth: int = 12,
+            num_heads: int = 12,
+            kernel_size: Optional[int] = 7,
+            dilation: int = 1,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            img_size: Input size the model is built for; only ViT-RPB depends on it (its bias
+                table covers the ``img_size / patch_size`` map). Other sizes run too.
+            patch_size: Patch size (and stride) of the patch embedding.
+            in_chans: Input image channels.
+            num_classes: Classifier classes (0 for no classifier).
+            global_pool: Global pooling type of the head.
+            embed_dim: Channels of every block.
+            depth: Number of blocks.
+            num_heads: Attention heads of every block.
+            kernel_size: Neighbourhood size; None for global attention with RPB (ViT-RPB).
+            dilation: Dilation of the odd blocks (even blocks use 1): 1 for NAT, 2 for DiNAT.
+            mlp_ratio: MLP hidden size as a multiple of ``embed_dim``.
+            qkv_bias: Bias in the qkv projections.
+            drop_rate: Classifier dropout rate.
+            proj_drop_rate: Dropout after attention projections and in the MLPs.
+            attn_drop_rate: Attention-probability dropout (must be 0).
+            drop_path_rate: Stochastic depth rate, rising linearly over the blocks (the published
+                models trained with 0.1 / 0.4; 0 here, as timm models default to).
+            norm_layer: Normalisation layer (channels-last).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC'
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.grad_checkpointing = False
+
+        # any input size: pads bottom/right to a multiple of the patch, as the original did
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=norm_layer,
+            output_fmt='NHWC',
+            strict_img_size=False,
+            dynamic_img_pad=True,
+            **dd,
+        )
+        feat_size = tuple(-(-s // p) for s, p in zip(to_2tuple(img_size), self.patch_embed.patch_size))
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        block_args = dict(
+            dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+            proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer, **dd)
+        if kernel_size is None:
+            blocks = [RelPosGlobalBlock(feat_size=feat_size, drop_path=dpr[i], **block_args) for i in range(depth)]
+        else:
+            blocks = [
+                NeighborhoodAttentionBlock(
+                    kernel_size=kernel_size, dilation=1 if i % 2 == 0 else dilation, drop_path=dpr[i], **block_args)
+                for i in range(depth)]
+        self.blocks = nn.Sequential(*blocks)
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f'blocks.{i}') for i in range(depth)]
+        self.norm = norm_layer(embed_dim, **dd)
+        self.head = ClassifierHead(
+            embed_dim,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            input_fmt=self.output_fmt,
+            **dd,
+        )
+        named_apply(_init_weights, self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Relative positional bias tables, exempt from weight decay as in the original training."""
+        return {n for n, _ in self.named_parameters() if n.endswith('.rpb')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups (stem, per-block, final norm) for layer-wise LR decay."""
+        return dict(
+            stem=r'^patch_embed',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Enable or disable gradient checkpointing of the blocks."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier (``num_classes=0`` removes it); optionally change the pooling."""
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
+        self.head_hidden_size = self.head.num_features
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns block outputs, as timm's ViT does.
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n blocks if int, all if None, select matching indices if sequence.
+            norm: Apply the final norm to every intermediate.
+            stop_early: Stop after the last block needed.
+            output_fmt: 'NCHW' or 'NHWC' for the intermediates.
+            intermediates_only: Only return the intermediates.
+        Returns:
+            List of intermediates, or a tuple of (final normed NHWC features, intermediates).
+        """
+        assert output_fmt in ('NCHW', 'NHWC'), 'Output format must be NCHW or NHWC.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x = self.patch_embed(x)
+        if torch.jit.is_scripting() or not stop_early:
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm else x
+                if output_fmt == 'NCHW':
+                    x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(x_inter)
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and optionally norm/head) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, blocks and final norm; returns NHWC features."""
+        x = self.patch_embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        x = self.norm(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool NHWC features and classify (or return the pooled features if ``pre_logits``)."""
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _init_weights(module: nn.Module, name: str = '') -> None:
+    """Published init: truncated-normal linears with zero bias (norms, convs, RPB init themselves)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``classification/isotropic.py`` naming -> timm naming, without the derived index buffers."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith('.relative_position_index'):
+            continue  # ViT-RPB's persistent buffer: derived from the map size, not learned
+        if m := re.match(r'layers\.(\d+)\.(.+)$', k):
+            k = f'blocks.{m[1]}.{m[2]}'
+        elif k.startswith('head.') and not k.startswith('head.fc.'):
+            k = 'head.fc.' + k[len('head.'):]
+        out[k] = v
+    return out
+
+
+def _resize_global_rpb(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Resize ViT-RPB bias tables trained for another map size to the model's (timm's resampling)."""
+    for name, module in model.named_modules():
+        key = f'{name}.rpb'
+        if isinstance(module, RelPosGlobalAttention) and key in state_dict:
+            table = state_dict[key]
+            if table.dim() == 3 and table.shape != module.rpb.shape:
+                state_dict[key] = resize_rel_pos_bias_table(
+                    table, new_window_size=module.feat_size, new_bias_shape=tuple(module.rpb.shape))
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert a published isotropic NAT / DiNAT / ViT-RPB checkpoint to this model and check it strictly.
+
+    Accepts the original repository's ``.pth`` layout (``layers.i``, ``head``, ViT-RPB's
+    ``relative_position_index`` buffers, which are dropped), optionally wrapped in
+    ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout. ViT-RPB bias tables made
+    for another feature-map size (e.g. 224 weights into ``img_size=384``) are resized with timm's
+    ``resize_rel_pos_bias_table``. Raises listing every unexpected, missing or wrongly shaped key
+    (the classifier is left to timm's loader, which drops or keeps it by ``num_classes``).
+    """
+    state_dict = _from_original(unwrap_state_dict(state_dict))
+    state_dict = _resize_global_rpb(state_dict, model)
+    _check_against_model(state_dict, model)
+    return state_dict
+
+
+def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NatIsotropic:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_or_explain(
+        NatIsotropic, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        # the getter wraps forward_intermediates, so features_only maps are NCHW block outputs
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
+# ----------------------------------------------------------------------------------------------
+
+_PATCH_SIZE = 16
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    cfg = {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224),
+        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
+        'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
+        **kwargs,
+    }
+    # the final map of these models is 1/16 of the input (the registry's pool_size assumes 1/32)
+    cfg['pool_size'] = tuple(s // _PATCH_SIZE for s in cfg['input_size'][1:])
+    return cfg
+
+
+_ARCHITECTURES = (
+    'nat_isotropic_small', 'nat_isotropic_base',
+    'dinat_isotropic_small', 'dinat_isotropic_base',
+    'vitrpb_small', 'vitrpb_base',
+)
+
+default_cfgs = generate_default_cfgs(registry_default_cfgs(_ARCHITECTURES, _cfg))
+
+_SMALL = dict(patch_size=_PATCH_SIZE, embed_dim=384, depth=12, num_heads=12, mlp_ratio=4.)
+_BASE = dict(patch_size=_PATCH_SIZE, embed_dim=768, depth=12, num_heads=24, mlp_ratio=4.)
+
+
+@register_model
+def nat_isotropic_small(pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """NAT-isotropic-Small (7x7 neighborhood attention)."""
+    model_args = dict(_SMALL, kernel_size=7, dilation=1)
+    return _create_isotropic('nat_isotropic_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_isotropic_base(pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """NAT-isotropic-Base (7x7 neighborhood attention)."""
+    model_args = dict(_BASE, kernel_size=7, dilation=1)
+    return _create_isotropic('nat_isotropic_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_isotropic_small(pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """DiNAT-isotropic-Small (7x7 neighborhood attention, dilation 2 on odd blocks)."""
+    model_args = dict(_SMALL, kernel_size=7, dilation=2)
+    return _create_isotropic('dinat_isotropic_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_isotropic_base(pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """DiNAT-isotropic-Base (7x7 neighborhood attention, dilation 2 on odd blocks)."""
+    model_args = dict(_BASE, kernel_size=7, dilation=2)
+    return _create_isotropic('dinat_isotropic_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vitrpb_small(pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """ViT-RPB-Small (global attention with relative positional bias)."""
+    model_args = dict(_SMALL, kernel_size=None)
+    return _create_isotropic('vitrpb_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vitrpb_base(pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """ViT-RPB-Base (global attention with relative positional bias)."""
+    model_args = dict(_BASE, kernel_size=None)
+    return _create_isotropic('vitrpb_base', pretrained=pretrained, **dict(model_args, **kwargs))
