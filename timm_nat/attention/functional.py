@@ -160,6 +160,8 @@ def na2d(
 
 
 def _log_once(name: str, device_type: str, has_rpb: bool, reason: str = "") -> None:
+    if torch.compiler.is_compiling():  # logging would break a fullgraph trace; eager calls log
+        return
     choice = (name, device_type, has_rpb, reason)
     if choice not in _logged_choices:
         _logged_choices.add(choice)

@@ -1,12 +1,16 @@
-"""Helpers shared by the DiNAT_s and isotropic model families (model building and checkpoint unwrapping)."""
+"""Helpers shared by the model families: building with a helpful download error, checkpoint
+unwrapping and the strict key/shape check of remapped checkpoints."""
 from typing import Any, Dict, Type
 
+import torch
 import torch.nn as nn
 from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..pretrained import weights_unavailable_error
 
-__all__ = ['build_model_or_explain', 'unwrap_state_dict']
+__all__ = ['build_model_or_explain', 'check_state_dict_fits', 'unwrap_state_dict']
+
+_CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
 
 
 def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
@@ -31,3 +35,28 @@ def build_model_or_explain(model_cls: Type[nn.Module], variant: str, pretrained:
         ).to_dict()
         name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
         raise weights_unavailable_error(name, cfg, err) from err
+
+
+def check_state_dict_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise listing every unexpected, missing or mis-shaped key of a remapped checkpoint.
+
+    The classifier is left to timm's ``load_pretrained``, which drops or keeps it depending on
+    ``num_classes`` (and whose strict load then checks it).
+    """
+    expected = model.state_dict()
+    leftover = [k for k in state_dict if k not in expected and k not in _CLASSIFIER_KEYS]
+    missing = [k for k in expected if k not in state_dict and k not in _CLASSIFIER_KEYS]
+    mismatched = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items()
+        if k in expected and k not in _CLASSIFIER_KEYS and v.shape != expected[k].shape]
+    problems = []
+    if leftover:
+        problems.append(f"{len(leftover)} unexpected key(s): {', '.join(leftover)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched)}")
+    if problems:
+        raise RuntimeError(
+            "checkpoint does not match the model (wrong architecture or arguments?): " + ". ".join(problems))

@@ -27,8 +27,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..layers import NeighborhoodAttentionBlock
 from ..pretrained import registry_default_cfgs
-from ._helpers import build_model_or_explain, unwrap_state_dict
-from .nat import _check_against_model
+from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
 
 __all__ = ['DinatS']  # checkpoint_filter_fn stays module-level: the package's is NAT's
 
@@ -358,7 +357,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith('layers.') for k in state_dict):
         state_dict = _from_original(state_dict)
-    _check_against_model(state_dict, model)
+    check_state_dict_fits(state_dict, model)
     return state_dict
 
 

@@ -33,8 +33,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from ..attention import na2d
 from ..layers import NeighborhoodAttentionBlock
 from ..pretrained import registry_default_cfgs
-from ._helpers import build_model_or_explain, unwrap_state_dict
-from .nat import _check_against_model
+from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
 
 __all__ = ['NatIsotropic', 'RelPosGlobalAttention']  # checkpoint_filter_fn stays module-level
 
@@ -436,7 +435,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """
     state_dict = _from_original(unwrap_state_dict(state_dict))
     state_dict = _resize_global_rpb(state_dict, model)
-    _check_against_model(state_dict, model)
+    check_state_dict_fits(state_dict, model)
     return state_dict
 
 

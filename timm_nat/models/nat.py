@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ..layers import NeighborhoodAttentionBlock
-from ..pretrained import registry_default_cfgs, weights_unavailable_error
+from ..pretrained import registry_default_cfgs
+from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
 
 __all__ = ['Nat', 'checkpoint_filter_fn']
 
@@ -371,7 +371,6 @@ def _init_weights(module: nn.Module, name: str = '') -> None:
 # Checkpoint conversion: transformers (shi-labs/* Hub) and original (.pth) layouts -> timm
 # ----------------------------------------------------------------------------------------------
 
-_CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
 
 # per-block renames, transformers -> timm (order matters: 'attention.output.dense' before 'output.dense')
 _TRANSFORMERS_BLOCK_RENAMES = (
@@ -444,28 +443,6 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return out
 
 
-def _check_against_model(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    """Strict key/shape check. The classifier is left to timm's ``load_pretrained``, which drops or
-    keeps it depending on ``num_classes`` (and whose strict load then checks it)."""
-    expected = model.state_dict()
-    leftover = [k for k in state_dict if k not in expected and k not in _CLASSIFIER_KEYS]
-    missing = [k for k in expected if k not in state_dict and k not in _CLASSIFIER_KEYS]
-    mismatched = [
-        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-        for k, v in state_dict.items()
-        if k in expected and k not in _CLASSIFIER_KEYS and v.shape != expected[k].shape]
-    problems = []
-    if leftover:
-        problems.append(f"{len(leftover)} unexpected key(s): {', '.join(leftover)}")
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched)}")
-    if problems:
-        raise RuntimeError(
-            "checkpoint does not match the model (wrong architecture or arguments?): " + ". ".join(problems))
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Convert a published NAT/DiNAT checkpoint to this model's naming and check it strictly.
 
@@ -474,39 +451,26 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     repository's ``.pth`` layout (``levels.i.blocks.j``, ``gamma1``/``gamma2``, ``head``),
     optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout.
     Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
-    see :func:`_check_against_model`).
+    see :func:`._helpers.check_state_dict_fits`).
     """
-    for wrapper in ('model', 'state_dict'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
+    state_dict = unwrap_state_dict(state_dict)
     fmt = _checkpoint_format(state_dict)
     if fmt == 'transformers':
         state_dict = _from_transformers(state_dict)
     elif fmt == 'original':
         state_dict = _from_original(state_dict)
-    _check_against_model(state_dict, model)
+    check_state_dict_fits(state_dict, model)
     return state_dict
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> Nat:
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
-    try:
-        return build_model_with_cfg(
-            Nat, variant, pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            # the getter wraps forward_intermediates, so features_only maps are NCHW stage outputs
-            feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-            **kwargs)
-    except OSError as err:  # download / Hub cache / file access failures (all OSError subclasses)
-        if not pretrained:
-            raise
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get('pretrained_cfg'),
-            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
-        ).to_dict()
-        name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
-        raise weights_unavailable_error(name, cfg, err) from err
+    return build_model_or_explain(
+        Nat, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        # the getter wraps forward_intermediates, so features_only maps are NCHW stage outputs
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
