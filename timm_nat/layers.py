@@ -1,7 +1,9 @@
 """Neighborhood-attention building blocks shared by the NAT-family models (channels-last, NHWC)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Type, Union
+import functools
+
+from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -123,6 +125,7 @@ class NeighborhoodAttentionBlock(nn.Module):
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
+            attn_layer: Optional[Callable[..., nn.Module]] = None,
             device=None,
             dtype=None,
     ):
@@ -139,21 +142,17 @@ class NeighborhoodAttentionBlock(nn.Module):
             proj_drop: Dropout after the attention projection and in the MLP.
             attn_drop: Attention-probability dropout (must be 0, see NeighborhoodAttention2d).
             drop_path: Stochastic depth rate.
+            attn_layer: Build the attention with this instead of :class:`NeighborhoodAttention2d`
+                (called with ``dim, num_heads=, qkv_bias=, attn_drop=, proj_drop=``; e.g. ViT-RPB's
+                global attention); ``kernel_size``, ``dilation`` and ``rel_pos_bias`` then do not apply.
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm1 = norm_layer(dim, **dd)
-        self.attn = NeighborhoodAttention2d(
-            dim,
-            num_heads=num_heads,
-            kernel_size=kernel_size,
-            dilation=dilation,
-            qkv_bias=qkv_bias,
-            rel_pos_bias=rel_pos_bias,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            **dd,
-        )
+        if attn_layer is None:
+            attn_layer = functools.partial(
+                NeighborhoodAttention2d, kernel_size=kernel_size, dilation=dilation, rel_pos_bias=rel_pos_bias)
+        self.attn = attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.ls1 = LayerScale(dim, ls_init_value, **dd) if ls_init_value is not None else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)

@@ -15,6 +15,7 @@ size: inputs are padded to a multiple of the patch, neighborhood attention pads 
 than kernel x dilation (as the hierarchical models do), and ViT-RPB resizes its bias table to
 the actual map with timm's ``resize_rel_pos_bias_table`` (see :class:`RelPosGlobalAttention`).
 """
+import functools
 import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, get_device_dtype,
+    ClassifierHead, PatchEmbed, calculate_drop_path_rates, get_device_dtype,
     resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
 )
 from timm.models._features import feature_take_indices
@@ -146,44 +147,6 @@ class RelPosGlobalAttention(nn.Module):
         return f"num_heads={self.num_heads}, feat_size={self.feat_size}"
 
 
-class RelPosGlobalBlock(nn.Module):
-    """Pre-norm transformer block with global RPB attention (ViT-RPB).
-
-    Same layout and parameter names as :class:`~timm_nat.layers.NeighborhoodAttentionBlock`
-    (``norm1``/``attn``/``norm2``/``mlp``), which has no way to take another attention module.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            feat_size: Tuple[int, int],
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = nn.LayerNorm,
-            device=None,
-            dtype=None,
-    ):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = RelPosGlobalAttention(
-            dim, num_heads, feat_size, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
-
-
 class NatIsotropic(nn.Module):
     """Isotropic NAT / DiNAT (neighborhood attention) and ViT-RPB (``kernel_size=None``: global attention)."""
 
@@ -258,7 +221,9 @@ class NatIsotropic(nn.Module):
             dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
             proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer, **dd)
         if kernel_size is None:
-            blocks = [RelPosGlobalBlock(feat_size=feat_size, drop_path=dpr[i], **block_args) for i in range(depth)]
+            global_attn = functools.partial(RelPosGlobalAttention, feat_size=feat_size)
+            blocks = [
+                NeighborhoodAttentionBlock(attn_layer=global_attn, drop_path=dpr[i], **block_args) for i in range(depth)]
         else:
             blocks = [
                 NeighborhoodAttentionBlock(

@@ -14,7 +14,7 @@ pre-downsample maps a detection backbone taps.
 """
 import re
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,7 @@ class NatStage(nn.Module):
             attn_drop: float = 0.,
             drop_path: Union[List[float], float] = 0.,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
+            downsample_layer: Callable[..., nn.Module] = ConvDownsample,
             device=None,
             dtype=None,
     ):
@@ -102,7 +103,7 @@ class NatStage(nn.Module):
         super().__init__()
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = ConvDownsample(dim, out_dim, norm_layer=norm_layer, **dd)
+            self.downsample = downsample_layer(dim, out_dim, norm_layer=norm_layer, **dd)
         else:
             assert dim == out_dim
             self.downsample = nn.Identity()
@@ -157,6 +158,8 @@ class Nat(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
+            stem_layer: Callable[..., nn.Module] = ConvStem,
+            downsample_layer: Callable[..., nn.Module] = ConvDownsample,
             device=None,
             dtype=None,
     ):
@@ -178,6 +181,10 @@ class Nat(nn.Module):
             attn_drop_rate: Attention-probability dropout (must be 0, see NeighborhoodAttention2d).
             drop_path_rate: Stochastic depth rate, rising linearly over all blocks.
             norm_layer: Normalisation layer (channels-last).
+            stem_layer: Stride-4 stem, called ``(in_chans, embed_dim, norm_layer=)``: NCHW in, NHWC out
+                (NAT's two 3x3 convs; DiNAT_s passes Swin's 4x4 patch embedding).
+            downsample_layer: Stride-2 downsampler between stages, ``(dim, out_dim, norm_layer=)``, NHWC
+                (NAT's 3x3 conv; DiNAT_s passes Swin's patch merging).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -191,7 +198,7 @@ class Nat(nn.Module):
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
 
-        self.patch_embed = ConvStem(in_chans, dims[0], norm_layer=norm_layer, **dd)
+        self.patch_embed = stem_layer(in_chans, dims[0], norm_layer=norm_layer, **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         self.feature_info = []
@@ -214,6 +221,7 @@ class Nat(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[i],
                 norm_layer=norm_layer,
+                downsample_layer=downsample_layer,
                 **dd,
             )]
             in_dim = dims[i]
@@ -498,7 +506,7 @@ _ARCHITECTURES = (
 default_cfgs = generate_default_cfgs(registry_default_cfgs(_ARCHITECTURES, _cfg))
 
 
-def _dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
+def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
     """DiNAT's schedule: blocks alternate dilation 1 (local) and the stage's dilation (sparse global)."""
     return tuple(
         tuple(1 if j % 2 == 0 else d for j in range(depth))
@@ -546,7 +554,7 @@ def dinat_mini(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Mini."""
     model_args = dict(
         embed_dim=64, depths=_DEPTHS_MINI, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
-        dilations=_dinat_dilations(_DEPTHS_MINI, _DILATIONS_224))
+        dilations=dinat_dilations(_DEPTHS_MINI, _DILATIONS_224))
     return _create_nat('dinat_mini', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -555,7 +563,7 @@ def dinat_tiny(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Tiny."""
     model_args = dict(
         embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
-        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
     return _create_nat('dinat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -564,7 +572,7 @@ def dinat_small(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Small (no layer scale, unlike NAT-Small)."""
     model_args = dict(
         embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2., kernel_size=7,
-        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
     return _create_nat('dinat_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -573,7 +581,7 @@ def dinat_base(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Base (layer scale)."""
     model_args = dict(
         embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5,
-        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
     return _create_nat('dinat_base', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -582,7 +590,7 @@ def dinat_large(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Large, 224 (no layer scale)."""
     model_args = dict(
         embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7,
-        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
     return _create_nat('dinat_large', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -591,7 +599,7 @@ def dinat_large_384(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Large, 384 (dilations scaled to the larger maps)."""
     model_args = dict(
         embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7,
-        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_384))
+        dilations=dinat_dilations(_DEPTHS, _DILATIONS_384))
     return _create_nat('dinat_large_384', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
@@ -600,5 +608,5 @@ def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> Nat:
     """DiNAT-Large, 384, 11x11 kernel (with the 224 dilations)."""
     model_args = dict(
         embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=11,
-        dilations=_dinat_dilations(_DEPTHS, _DILATIONS_224))
+        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
     return _create_nat('dinat_large_384_11x11', pretrained=pretrained, **dict(model_args, **kwargs))
