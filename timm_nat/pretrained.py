@@ -17,6 +17,8 @@ __all__ = [
     "registry_entries",
     "registry_default_cfgs",
     "weights_unavailable_error",
+    "registry_entry_name",
+    "model_table_markdown",
 ]
 
 _REGISTRY_NAME = "checkpoints.toml"
@@ -120,3 +122,35 @@ def weights_unavailable_error(model_name: str, pretrained_cfg: Dict[str, Any], c
     return RuntimeError(
         f"Could not load pretrained weights for {model_name!r} from {where}: "
         f"{type(cause).__name__}: {str(cause).rstrip('.')}. To fix: " + "; ".join(fixes) + ".")
+
+
+def registry_entry_name(entry: Dict[str, Any]) -> str:
+    """timm name ``arch.tag`` of a registry entry."""
+    return f"{entry['model']}.{entry['tag']}"
+
+
+def _published(value: Any) -> str:
+    """A published number as published (``20.0`` -> ``20``), or ``-`` when none was published."""
+    return "-" if value is None else f"{value:g}"
+
+
+def _weights_link(entry: Dict[str, Any]) -> str:
+    if "hf_hub_id" in entry:
+        return f"[{entry['hf_hub_id']}](https://huggingface.co/{entry['hf_hub_id']})"
+    return f"[{entry['url'].rsplit('/', 1)[-1]}]({entry['url']}) (original .pth)"
+
+
+def model_table_markdown(entries: Sequence[Dict[str, Any]] | None = None) -> str:
+    """Markdown table of every registry entry (the README's model table is exactly this)."""
+    entries = load_registry() if entries is None else entries
+    rows = [
+        "| model | weights | classes | input | crop | top-1 (%) | params (M) | GFLOPs | license |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for e in entries:
+        _, height, width = e["input_size"]
+        rows.append(
+            f"| `{registry_entry_name(e)}` | {_weights_link(e)} | {e['num_classes']} | {height}x{width} "
+            f"| {_published(e['crop_pct'])} | {_published(e.get('top1'))} | {_published(e.get('params_m'))} "
+            f"| {_published(e.get('gflops'))} | {e['license']} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,7 @@
+"""Checkpoint converter; see ``timm_nat/convert.py`` (also ``timm-nat-convert``)."""
+import sys
+
+from timm_nat.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())
