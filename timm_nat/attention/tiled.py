@@ -124,13 +124,13 @@ def _bias_table(rpb: Optional[torch.Tensor], heads: int, kernel_size, dtype, dev
     return F.pad(table, (0, 1, 0, 1), value=-math.inf)
 
 
-def _tile_bias(table: torch.Tensor, plan: GridPlan, tiles: slice) -> torch.Tensor:
-    """[1, heads * chunk tiles, Tr*Tc, Hkr*Hkc] additive bias (RPB or -inf) of some tiles."""
+def _class_bias(table: torch.Tensor, plan: GridPlan) -> torch.Tensor:
+    """[heads, row classes * col classes, Tr*Tc * Hkr*Hkc]: the additive bias (RPB or -inf) of
+    every tile class; a tile's bias is its class's (see ``GridPlan.tile_class``)."""
     br, bc = plan.row_bias, plan.col_bias
     bias = table[:, br[:, None, :, None, :, None], bc[None, :, None, :, None, :]]
-    heads, cr, cc, qr, qc, kr, kc = bias.shape
-    bias = bias.reshape(heads, cr * cc, qr * qc, kr * kc).index_select(1, plan.tile_class[tiles])
-    return bias.view(1, -1, qr * qc, kr * kc)
+    heads, cr, cc = bias.shape[:3]
+    return bias.reshape(heads, cr * cc, -1)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
     query_len, halo_len = tile[0] * tile[1], plan.halo[0] * plan.halo[1]
     num_tiles = len(plan.tile_class)
     q, k, v = _heads_first(query), _heads_first(key), _heads_first(value)
-    table = _bias_table(rpb, heads, kernel_size, query.dtype, query.device)
+    class_bias = _class_bias(_bias_table(rpb, heads, kernel_size, query.dtype, query.device), plan)
 
     halo_bytes = b * heads * halo_len * dim * query.element_size()
     chunk = max(1, _CHUNK_BYTES // halo_bytes)
@@ -171,8 +171,9 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
         q_t = q.index_select(1, q_idx).view(b, -1, query_len, dim)
         k_t = k.index_select(1, k_idx).view(b, -1, halo_len, dim)
         v_t = v.index_select(1, k_idx).view(b, -1, halo_len, dim)
+        bias = class_bias.index_select(1, plan.tile_class[tiles]).view(1, -1, query_len, halo_len)
         # Fused on CPU when nothing needs a gradient; its math path otherwise (exact either way).
-        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=_tile_bias(table, plan, tiles), scale=scale)
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=bias, scale=scale)
         outs.append(out.view(b * heads, -1, dim))
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     out = out.index_select(1, plan.output_index)
