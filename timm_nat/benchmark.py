@@ -4,9 +4,8 @@
                        [--batch-size 8] [--img-size 224] [--device cpu|cuda] [--amp] [--compile]
 
 For every model: inference img/s, training-step img/s (forward, backward, SGD step) and the peak
-memory of each, measured after warm-up as the median of several runs, each cell in a fresh
-subprocess (peak RSS on CPU, ``max_memory_allocated`` on CUDA, minus what was held before the
-first step). GFLOP/img are counted once with ``torch.utils.flop_counter`` (multiply-add = 2
+memory of each (tensor bytes above what was held before the step, see :func:`peak_tensor_bytes`),
+measured after warm-up, times as the median of several runs, each cell in a fresh subprocess. GFLOP/img are counted once with ``torch.utils.flop_counter`` (multiply-add = 2
 FLOPs; neighborhood attention counted at its nominal kernel*kernel keys per query), and
 "GFLOP/s" is that count times img/s. Ratios are against the first baseline.
 """
@@ -14,30 +13,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 DEFAULT_MODELS = ("nat_mini", "dinat_mini")
 DEFAULT_BASELINES = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 
 
-def _peak_bytes(device: str) -> int:
+def peak_tensor_bytes(fn: Callable[[], Any], device: str) -> int:
+    """Peak bytes held by tensors while ``fn()`` runs, above what they held before.
+
+    CUDA: ``max_memory_allocated``. CPU: the profiler's allocation events replayed in order (RSS
+    would also count what the allocator caches, or miss memory freed earlier and reused).
+    """
     import torch
     if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_bytes(device: str) -> int:
-    import torch
-    if device == "cuda":
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.autograd import DeviceType
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def count_gflops(model_name: str, img_size: int) -> float:
@@ -92,12 +101,8 @@ def measure(model_name: str, mode: str, batch_size: int, img_size: int, device: 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    base = _current_bytes(device)
-    step()  # warm-up (and compilation); its peak is the cell's peak memory
-    step()
-    peak = max(_peak_bytes(device) - base, 0)
+    step()  # warm-up (and compilation)
+    peak = peak_tensor_bytes(step, device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

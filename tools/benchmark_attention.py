@@ -5,16 +5,15 @@
 Shapes are NAT-Mini's attention layers (head dim 32, kernel 7): stage 1 (batch 8, 56x56,
 2 heads) with dilation 1 and 8 (DiNAT), down to stage 4 (7x7, 16 heads), plus detection-size
 maps (batch 1, 2 heads, 100x168 and 200x336: twice the height and width). Every cell runs in
-a fresh subprocess so that "peak extra memory" (peak RSS on CPU, max_memory_allocated on CUDA,
-minus what the inputs already hold) belongs to that call alone. Times are medians after one
-warm-up call. Our backends run with RPB; NATTEN (the baseline) cannot, so it runs without.
+a fresh subprocess. "Peak extra memory" is what tensors hold above the inputs during one call
+(timm_nat.benchmark.peak_tensor_bytes: allocation events on CPU, max_memory_allocated on CUDA).
+Times are medians after one warm-up call. Our backends run with RPB; NATTEN (the baseline) cannot, so it runs without.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,22 +33,11 @@ HEAD_DIM, KERNEL = 32, 7
 BACKENDS = ("natten", "tiled", "flex", "reference")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_bytes(device) -> int:
-    import torch
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure(shape: str, backend: str, mode: str, device: str, repeats: int) -> dict:
     """One cell, in this process: peak extra memory of the first call, then median time."""
     import torch
     from timm_nat.attention import na2d, use_backend
+    from timm_nat.benchmark import peak_tensor_bytes
 
     batch, height, width, heads, dilation = SHAPES[shape]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -68,16 +56,10 @@ def measure(shape: str, backend: str, mode: str, device: str, repeats: int) -> d
         if device == "cuda":
             torch.cuda.synchronize()
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
     start = time.perf_counter()
     call()
     first = time.perf_counter() - start
-    peak = max(_peak_bytes(device) - base, 0)
+    peak = peak_tensor_bytes(call, device)
     times = []
     for _ in range(repeats if first < 20 else 1):
         start = time.perf_counter()
