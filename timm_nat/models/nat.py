@@ -53,7 +53,9 @@ class ConvStem(nn.Module):
         self.norm = norm_layer(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        # channels-last convs are ~2x faster on CPU (oneDNN), and their output is NHWC already
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return self.norm(x.permute(0, 2, 3, 1))
 
 
 class ConvDownsample(nn.Module):
