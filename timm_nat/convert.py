@@ -39,7 +39,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from timm.models import get_pretrained_cfg, load_state_dict, model_entrypoint, save_for_hf
 
 from . import models as _models  # noqa: F401  (registers the architectures)
-from .pretrained import load_registry, registry_entry_name
+from .pretrained import load_registry, published_summary, registry_entry_name
 
 __all__ = [
     'Architecture', 'Conversion', 'ConversionError', 'DownloadError', 'Downloader', 'Source',
@@ -645,19 +645,6 @@ def _verify(reference: torch.nn.Module, folder: Path, size: int) -> Dict[str, fl
     return diffs
 
 
-def _published_line(entry: Dict[str, Any]) -> str:
-    facts = []
-    if 'top1' in entry:
-        facts.append(f"ImageNet-1k top-1 {entry['top1']:g}%")
-    if 'params_m' in entry:
-        facts.append(f"{entry['params_m']:g}M params")
-    if 'gflops' in entry:
-        facts.append(f"{entry['gflops']:g} GFLOPs")
-    _, height, width = entry['input_size']
-    facts.append(f"{entry['num_classes']} classes at {height}x{width}, crop {entry['crop_pct']:g}")
-    return ', '.join(facts)
-
-
 def _card_details(conversion: Conversion) -> List[str]:
     arch, source, entry = conversion.architecture, conversion.source, conversion.architecture.entry
     where = {'hub': 'Hugging Face Hub, transformers layout', 'url': 'original .pth',
@@ -671,7 +658,7 @@ def _card_details(conversion: Conversion) -> List[str]:
     ]
     if entry:
         original = f", original weights {entry['url']}" if 'url' in entry else ''
-        lines += [f"- **Registry entry:** `{arch.name}`{original}", f"- **Published:** {_published_line(entry)}"]
+        lines += [f"- **Registry entry:** `{arch.name}`{original}", f"- **Published:** {published_summary(entry)}"]
     else:
         lines += ["- **Published:** not a checkpoint of the timm-nat registry; no published numbers"]
     paper_id = (get_pretrained_cfg(arch.name).paper_ids or '').replace('arXiv:', '')

@@ -19,6 +19,7 @@ __all__ = [
     "weights_unavailable_error",
     "registry_entry_name",
     "model_table_markdown",
+    "published_summary",
 ]
 
 _REGISTRY_NAME = "checkpoints.toml"
@@ -55,7 +56,7 @@ def registry_entries(architectures: Sequence[str]) -> List[Dict[str, Any]]:
     return entries
 
 
-def _description(entry: Dict[str, Any]) -> str:
+def published_summary(entry: Dict[str, Any]) -> str:
     """Human summary of the published numbers (absent ones are left out)."""
     facts = []
     if "top1" in entry:
@@ -80,7 +81,7 @@ def _cfg_fields(entry: Dict[str, Any]) -> Dict[str, Any]:
         crop_pct=entry["crop_pct"],
         license=entry["license"],
         paper_ids=entry["paper"].replace("arxiv:", "arXiv:"),
-        description=_description(entry),
+        description=published_summary(entry),
         notes=(entry["source"],) if "source" in entry else None,
     )
     if "hf_hub_id" in entry:
