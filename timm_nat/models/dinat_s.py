@@ -24,8 +24,8 @@ from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from ..pretrained import registry_default_cfgs
-from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
-from .nat import Nat, dinat_dilations
+from ._helpers import check_state_dict_fits, unwrap_state_dict
+from .nat import Nat, _create_nat, dinat_dilations
 
 __all__ = ['swin_patch_stem']  # the model class is Nat; checkpoint_filter_fn stays module-level
 
@@ -87,15 +87,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs) -> Nat:
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
-    return build_model_or_explain(
-        Nat, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        # the getter wraps forward_intermediates, so features_only maps are NCHW stage outputs
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        stem_layer=swin_patch_stem,
-        downsample_layer=PatchMerging,
-        **kwargs)
+    return _create_nat(
+        variant, pretrained, filter_fn=checkpoint_filter_fn,
+        stem_layer=swin_patch_stem, downsample_layer=PatchMerging, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -473,11 +473,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return state_dict
 
 
-def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> Nat:
+def _create_nat(variant: str, pretrained: bool = False, filter_fn=checkpoint_filter_fn, **kwargs) -> Nat:
+    """Build a registered ``Nat`` variant; other families built on Nat pass their own checkpoint filter."""
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
     return build_model_or_explain(
         Nat, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn,
         # the getter wraps forward_intermediates, so features_only maps are NCHW stage outputs
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs)
