@@ -70,18 +70,26 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return out
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert a published DiNAT_s checkpoint to this model's naming and check it strictly.
+def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """A published DiNAT_s checkpoint in timm naming (pure: no model, no checks).
 
     Accepts the original repository's ``.pth`` layout (``layers.i.blocks.j``,
     ``layers.i.downsample``, ``head``), optionally wrapped in ``{'model': ...}`` /
-    ``{'state_dict': ...}``, or timm's own layout. Raises listing every unexpected, missing or
-    wrongly shaped key (the classifier is left to timm's loader, which drops or keeps it by
-    ``num_classes``).
+    ``{'state_dict': ...}``, or timm's own layout (returned as is).
     """
     state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith('layers.') for k in state_dict):
-        state_dict = _from_original(state_dict)
+        return _from_original(state_dict)
+    return dict(state_dict)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """:func:`remap_checkpoint`, then a strict check against ``model``.
+
+    Raises listing every unexpected, missing or wrongly shaped key (the classifier is left to
+    timm's loader, which drops or keeps it by ``num_classes``).
+    """
+    state_dict = remap_checkpoint(state_dict)
     check_state_dict_fits(state_dict, model)
     return state_dict
 

@@ -388,18 +388,25 @@ def _resize_global_rpb(state_dict: Dict[str, torch.Tensor], model: nn.Module) ->
     return state_dict
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert a published isotropic NAT / DiNAT / ViT-RPB checkpoint to this model and check it strictly.
+def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """A published isotropic NAT / DiNAT / ViT-RPB checkpoint in timm naming (pure: no model, no checks).
 
     Accepts the original repository's ``.pth`` layout (``layers.i``, ``head``, ViT-RPB's
     ``relative_position_index`` buffers, which are dropped), optionally wrapped in
-    ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout. ViT-RPB bias tables made
-    for another feature-map size (e.g. 224 weights into ``img_size=384``) are resized with timm's
-    ``resize_rel_pos_bias_table``. Raises listing every unexpected, missing or wrongly shaped key
-    (the classifier is left to timm's loader, which drops or keeps it by ``num_classes``).
+    ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout.
     """
-    state_dict = _from_original(unwrap_state_dict(state_dict))
-    state_dict = _resize_global_rpb(state_dict, model)
+    return _from_original(unwrap_state_dict(state_dict))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """:func:`remap_checkpoint`, ViT-RPB tables resized to ``model``, then a strict check.
+
+    ViT-RPB bias tables made for another feature-map size (e.g. 224 weights into ``img_size=384``)
+    are resized with timm's ``resize_rel_pos_bias_table``. Raises listing every unexpected,
+    missing or wrongly shaped key (the classifier is left to timm's loader, which drops or keeps
+    it by ``num_classes``).
+    """
+    state_dict = _resize_global_rpb(remap_checkpoint(state_dict), model)
     check_state_dict_fits(state_dict, model)
     return state_dict
 

@@ -28,7 +28,7 @@ from ..layers import NeighborhoodAttentionBlock
 from ..pretrained import registry_default_cfgs
 from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
 
-__all__ = ['Nat', 'checkpoint_filter_fn']
+__all__ = ['Nat', 'checkpoint_filter_fn', 'remap_checkpoint']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
@@ -453,22 +453,31 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     return out
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert a published NAT/DiNAT checkpoint to this model's naming and check it strictly.
+def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """A published NAT/DiNAT checkpoint in timm naming (pure: no model, no checks).
 
     Accepts the transformers layout (``nat.``/``dinat.`` prefixed or headless, separate
     query/key/value, ``layer_scale_parameters`` [2, dim], ``classifier``), the original
     repository's ``.pth`` layout (``levels.i.blocks.j``, ``gamma1``/``gamma2``, ``head``),
-    optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout.
-    Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
-    see :func:`._helpers.check_state_dict_fits`).
+    optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout
+    (returned as is).
     """
     state_dict = unwrap_state_dict(state_dict)
     fmt = _checkpoint_format(state_dict)
     if fmt == 'transformers':
-        state_dict = _from_transformers(state_dict)
-    elif fmt == 'original':
-        state_dict = _from_original(state_dict)
+        return _from_transformers(state_dict)
+    if fmt == 'original':
+        return _from_original(state_dict)
+    return dict(state_dict)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """:func:`remap_checkpoint`, then a strict check against ``model``.
+
+    Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
+    see :func:`._helpers.check_state_dict_fits`).
+    """
+    state_dict = remap_checkpoint(state_dict)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
