@@ -1,17 +1,122 @@
-"""Dispatch to the fast backends (imported lazily: flex and NATTEN are heavy to import)."""
+"""The backends of ``na2d``, each with a ``can_run`` check, and the one chooser over them.
+
+Every backend says for itself whether it can run an input (device, RPB, autograd, empty
+input); :func:`choose` takes the first one in the device's order of preference that can.
+A backend may still refuse a particular shape when it runs (:class:`Unsupported`, e.g.
+NATTEN's own head_dim rules); ``na2d`` then moves on to the next one that can run.
+flex and NATTEN are imported lazily: they are heavy to import.
+"""
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
+
+from .reference import exact_where_nonfinite, na2d_reference
+
+__all__ = ["Backend", "Unsupported", "BACKENDS", "preference", "choose"]
+
+QueryOrDevice = Union[torch.Tensor, torch.device]
 
 
 class Unsupported(Exception):
     """A backend cannot run this particular input (shape, dtype) although it runs on the device."""
 
 
-def natten_supports(device: torch.device) -> bool:
-    """NATTEN runs fused kernels on CUDA; on CPU (0.20+) it falls back to unfused flex."""
+class Backend:
+    """One way to compute ``na2d``. Subclasses set ``name`` and implement ``run`` and ``why_not``."""
+    name = ""
+
+    def why_not(self, query: QueryOrDevice, has_rpb: bool, needs_grad: bool) -> Optional[str]:
+        """Why this backend cannot run ``query`` (a tensor, or only its device), or None if it can."""
+        return None
+
+    def can_run(self, query: QueryOrDevice, has_rpb: bool, needs_grad: bool) -> bool:
+        """Whether this backend can run ``query`` (a tensor, or only its device)."""
+        return self.why_not(query, has_rpb, needs_grad) is None
+
+    def run(self, query, key, value, kernel_size, dilation, rpb, scale) -> torch.Tensor:
+        """Arguments as :func:`timm_nat.attention.na2d`, validated and normalised."""
+        raise NotImplementedError
+
+
+def _device(query: QueryOrDevice) -> torch.device:
+    return query.device if isinstance(query, torch.Tensor) else torch.device(query)
+
+
+def _is_empty(query: QueryOrDevice) -> bool:
+    return isinstance(query, torch.Tensor) and query.numel() == 0
+
+
+class TiledBackend(Backend):
+    """Query tiles against dense key halos, one fused SDPA call per chunk (:mod:`.tiled`)."""
+    name = "tiled"
+
+    def run(self, query, key, value, kernel_size, dilation, rpb, scale):
+        from .tiled import na2d_tiled
+        return na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale)
+
+
+class ReferenceBackend(Backend):
+    """Gather-based (:mod:`.reference`): runs everywhere, for tests."""
+    name = "reference"
+
+    def run(self, query, key, value, kernel_size, dilation, rpb, scale):
+        return na2d_reference(query, key, value, kernel_size, dilation, rpb, scale)
+
+
+def _fused_why_not(query: QueryOrDevice, needs_grad: bool, importable: bool, package: str) -> Optional[str]:
+    """Rules flex and NATTEN share: CPU/CUDA only, no CPU backward, no empty inputs."""
+    device = _device(query)
     if device.type not in ("cpu", "cuda"):
-        return False
+        return f"cannot run on {device}"
+    if not importable:
+        return f"needs {package}, which is not importable"
+    if device.type == "cpu" and needs_grad:
+        return "cannot run on cpu with autograd (torch has no CPU flex backward)"
+    if _is_empty(query):  # compiled CPU flex dies on a zero-size launch; NATTEN divides by zero
+        return f"cannot run an empty input (query shape {tuple(query.shape)})"
+    return None
+
+
+class FlexBackend(Backend):
+    """``flex_attention`` with a neighbourhood block mask and an RPB ``score_mod`` (:mod:`.flex`)."""
+    name = "flex"
+
+    def why_not(self, query, has_rpb, needs_grad):
+        return _fused_why_not(query, needs_grad, flex_importable(), "torch.nn.attention.flex_attention")
+
+    def run(self, query, key, value, kernel_size, dilation, rpb, scale):
+        from .flex import na2d_flex
+        return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
+
+
+class NattenBackend(Backend):
+    """``natten.na2d`` (NATTEN >= 0.20): fused kernels on CUDA, unfused flex on CPU; no RPB."""
+    name = "natten"
+
+    def why_not(self, query, has_rpb, needs_grad):
+        if has_rpb:
+            return "has no relative positional bias; use 'flex', 'tiled' or 'reference'"
+        return _fused_why_not(query, needs_grad, natten_importable(), "natten")
+
+    def run(self, query, key, value, kernel_size, dilation, rpb, scale):
+        if query.device.type == "cpu":  # NATTEN's CPU path attends to dense blocks: see exact_where_nonfinite
+            return exact_where_nonfinite(self._natten, query, key, value, kernel_size, dilation, rpb, scale)
+        return self._natten(query, key, value, kernel_size, dilation, rpb, scale)
+
+    @staticmethod
+    def _natten(query, key, value, kernel_size, dilation, rpb, scale):
+        import natten
+        try:
+            return natten.na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, scale=scale)
+        except NotImplementedError as error:
+            raise Unsupported(f"natten.na2d has no kernel for head_dim={query.shape[-1]}, dtype={query.dtype} "
+                              f"on {query.device}: {error}") from error
+
+
+def natten_importable() -> bool:
+    """Whether NATTEN can be imported (it is optional)."""
     try:
         import natten  # noqa: F401
     except ImportError:
@@ -19,26 +124,31 @@ def natten_supports(device: torch.device) -> bool:
     return True
 
 
-def flex_supports(device: torch.device) -> bool:
+def flex_importable() -> bool:
+    """Whether this torch has ``flex_attention``."""
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
         return False
-    return device.type in ("cpu", "cuda")
+    return True
 
 
-def run(name, query, key, value, kernel_size, dilation, rpb, scale):
-    if name == "tiled":
-        from .tiled import na2d_tiled
-        return na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale)
-    if name == "flex":
-        from .flex import na2d_flex
-        return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
-    if name == "natten":
-        import natten
-        try:
-            return natten.na2d(query, key, value, kernel_size=kernel_size, dilation=dilation, scale=scale)
-        except NotImplementedError as error:
-            raise Unsupported(f"natten.na2d has no kernel for head_dim={query.shape[-1]}, dtype={query.dtype} "
-                              f"on {query.device}: {error}") from error
-    raise ValueError(f"unknown attention backend {name!r}")
+BACKENDS: dict[str, Backend] = {b.name: b for b in (NattenBackend(), FlexBackend(), TiledBackend(), ReferenceBackend())}
+
+# Order of preference. CPU: tiled (exact, fused SDPA tiles) beats NATTEN's and flex's CPU paths.
+# Elsewhere: NATTEN's fused kernels (no RPB), flex (RPB), then tiled. reference runs everywhere.
+_PREFERENCE = {"cpu": ("tiled", "natten", "flex", "reference")}
+_DEFAULT_PREFERENCE = ("natten", "flex", "tiled", "reference")
+
+
+def preference(device: torch.device) -> tuple[str, ...]:
+    """All backend names, in the order ``na2d`` prefers them on ``device``."""
+    return _PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)
+
+
+def choose(query: QueryOrDevice, has_rpb: bool, needs_grad: bool, after: Optional[str] = None) -> str:
+    """The first backend in the device's preference (after ``after``, if given) that can run."""
+    order = preference(_device(query))
+    if after is not None:
+        order = order[order.index(after) + 1:]
+    return next(name for name in order if BACKENDS[name].can_run(query, has_rpb, needs_grad))

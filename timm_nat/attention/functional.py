@@ -6,6 +6,7 @@ NATTEN's (<= 0.17), which every published NAT/DiNAT checkpoint was trained with.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from typing import Iterator, Optional, Union
@@ -13,22 +14,38 @@ from typing import Iterator, Optional, Union
 import torch
 
 from . import backends
-from .reference import na2d_reference
 
 __all__ = ["na2d", "use_backend", "available_backends", "select_backend", "BACKEND_ENV_VAR"]
 
 _logger = logging.getLogger(__name__)
 
 BACKEND_ENV_VAR = "TIMM_NAT_ATTENTION_BACKEND"
-_BACKENDS = ("natten", "flex", "tiled", "reference")
-_forced_backend: Optional[str] = None
+_BACKENDS = tuple(backends.BACKENDS)
 _logged_choices: set = set()
+
+
+class _Override:
+    """One active ``use_backend`` block (compared by identity, so equal names stay distinct)."""
+    __slots__ = ("name",)
+
+    def __init__(self, name: Optional[str]):
+        self.name = name
+
+
+# Active use_backend blocks of this thread / asyncio task, innermost last. A tuple, never mutated:
+# contexts copied for new tasks share it safely, and a block leaving out of order removes itself only.
+_overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("timm_nat_attention_overrides", default=())
 
 IntOrPair = Union[int, tuple[int, int]]
 
 
 def _pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)):
+        pair = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r} ({type(value).__name__})")
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
@@ -50,6 +67,10 @@ def _check_inputs(query, key, value, kernel_size, dilation, rpb):
             f"{tuple(key.shape)} and {tuple(value.shape)}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if query.shape[-1] == 0:
+        raise ValueError(f"head_dim must be >= 1, got query shape {tuple(query.shape)}")
     kernel_size = _pair("kernel_size", kernel_size, 2)
     dilation = _pair("dilation", dilation, 1)
     height, width, heads = query.shape[1], query.shape[2], query.shape[3]
@@ -64,6 +85,10 @@ def _check_inputs(query, key, value, kernel_size, dilation, rpb):
             raise TypeError(f"rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
         if tuple(rpb.shape) != expected:
             raise ValueError(f"rpb must have shape [heads, 2*kh-1, 2*kw-1] = {list(expected)}, got {list(rpb.shape)}")
+        if not rpb.is_floating_point():
+            raise TypeError(f"rpb must be a floating-point tensor, got dtype {rpb.dtype}")
+        if rpb.device != query.device:
+            raise ValueError(f"rpb is on {rpb.device} but query is on {query.device}; move it there (rpb.to(query.device))")
     return kernel_size, dilation
 
 
@@ -74,48 +99,62 @@ def available_backends(device: Union[str, torch.device] = "cpu", has_rpb: bool =
     without autograd (torch has no CPU flex backward). CUDA: NATTEN's fused kernels when there
     is no RPB, flex with RPB, then ``tiled``. ``reference`` runs everywhere.
     """
-    device = torch.device(device)
-    on_cpu = device.type == "cpu"
-    natten_ok = not has_rpb and backends.natten_supports(device) and not (on_cpu and needs_grad)
-    flex_ok = backends.flex_supports(device) and not (on_cpu and needs_grad)
-    if on_cpu:
-        found = ["tiled"] + ["natten"] * natten_ok + ["flex"] * flex_ok
-    else:
-        found = ["natten"] * natten_ok + ["flex"] * flex_ok + ["tiled"]
-    return found + ["reference"]
+    return _runnable(torch.device(device), has_rpb, needs_grad)
+
+
+def _runnable(query, has_rpb: bool, needs_grad: bool) -> list[str]:
+    device = query.device if isinstance(query, torch.Tensor) else query
+    return [name for name in backends.preference(device) if backends.BACKENDS[name].can_run(query, has_rpb, needs_grad)]
+
+
+def _forced() -> tuple[Optional[str], str]:
+    """``(name, source)`` of the backend forced by the innermost ``use_backend`` block, else by
+    ``$TIMM_NAT_ATTENTION_BACKEND``; name None means automatic choice."""
+    overrides = _overrides.get()
+    if overrides:
+        return overrides[-1].name, "use_backend"
+    return os.environ.get(BACKEND_ENV_VAR) or None, f"${BACKEND_ENV_VAR}"
+
+
+def _resolve(query, has_rpb: bool, needs_grad: bool, backend: Optional[str]) -> tuple[str, bool]:
+    """``(backend name, whether it was forced)``; a forced backend that cannot run raises."""
+    forced, source = (backend, "the backend argument") if backend is not None else _forced()
+    if forced is None:
+        return backends.choose(query, has_rpb, needs_grad), False
+    if forced not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {forced!r} (from {source}); expected one of {_BACKENDS}")
+    reason = backends.BACKENDS[forced].why_not(query, has_rpb, needs_grad)
+    if reason is not None:
+        raise ValueError(f"attention backend {forced!r} (from {source}) {reason}; "
+                         f"available: {_runnable(query, has_rpb, needs_grad)}")
+    return forced, True
 
 
 def select_backend(device: Union[str, torch.device], has_rpb: bool, needs_grad: bool = False) -> str:
-    """The backend ``na2d`` uses: forced by :func:`use_backend`, then ``$TIMM_NAT_ATTENTION_BACKEND``,
-    else the first of :func:`available_backends`. A forced backend that cannot run raises."""
-    forced = _forced_backend or os.environ.get(BACKEND_ENV_VAR) or None
-    if forced is None:
-        return available_backends(device, has_rpb, needs_grad)[0]
-    if forced not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {forced!r} (from use_backend or ${BACKEND_ENV_VAR}); expected one of {_BACKENDS}")
-    if forced == "natten" and has_rpb:
-        raise ValueError("attention backend 'natten' has no relative positional bias; use 'flex', 'tiled' or 'reference'")
-    if forced not in available_backends(device, has_rpb, needs_grad):
-        need = " with autograd" if needs_grad else ""
-        raise ValueError(f"attention backend {forced!r} cannot run on {torch.device(device)}{need}; "
-                         f"available: {available_backends(device, has_rpb, needs_grad)}")
-    return forced
+    """The backend ``na2d`` uses: forced by the innermost :func:`use_backend` block, else by
+    ``$TIMM_NAT_ATTENTION_BACKEND``, else the first of :func:`available_backends`. A forced
+    backend that cannot run raises. (``na2d(..., backend=...)`` beats all of these.)"""
+    return _resolve(torch.device(device), has_rpb, needs_grad, None)[0]
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force the ``na2d`` backend inside a ``with`` block (``None`` restores automatic choice).
+    """Force the ``na2d`` backend inside a ``with`` block, in this thread or asyncio task only.
 
-    Takes precedence over the ``TIMM_NAT_ATTENTION_BACKEND`` environment variable.
+    ``name`` is one of ``"natten"``, ``"flex"``, ``"tiled"``, ``"reference"``, or ``None`` for
+    the automatic choice. Either way the block takes precedence over outer blocks and over the
+    ``TIMM_NAT_ATTENTION_BACKEND`` environment variable; leaving it restores what was in force
+    before, also when blocks are left out of order. New threads start with no block in force;
+    asyncio tasks inherit the blocks active where they were created.
     """
-    global _forced_backend
     if name is not None and name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {_BACKENDS}")
-    previous, _forced_backend = _forced_backend, name
+    override = _Override(name)
+    _overrides.set(_overrides.get() + (override,))
     try:
         yield
     finally:
-        _forced_backend = previous
+        _overrides.set(tuple(o for o in _overrides.get() if o is not override))
 
 
 def na2d(
@@ -126,37 +165,41 @@ def na2d(
     dilation: IntOrPair = 1,
     rpb: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """2-D neighborhood attention, exactly as legacy NATTEN computed it, with autograd.
 
     Args:
-        query, key, value: ``[batch, height, width, heads, head_dim]``, floating point.
+        query, key, value: ``[batch, height, width, heads, head_dim]``, floating point, one
+            device; batch and heads may be 0, head_dim not.
         kernel_size: window size, int or ``(kh, kw)``, each >= 2.
         dilation: int or ``(dh, dw)``; ``height >= kh * dh`` and ``width >= kw * dw`` are required.
-        rpb: optional relative positional bias ``[heads, 2*kh-1, 2*kw-1]`` added to the logits.
+        rpb: optional relative positional bias ``[heads, 2*kh-1, 2*kw-1]`` added to the logits,
+            on query's device (any floating dtype; cast to query's).
         scale: logit scale, default ``head_dim ** -0.5``.
+        backend: force a backend for this call (beats :func:`use_backend` and the environment
+            variable); None: as :func:`select_backend` decides.
 
     Returns:
-        ``[batch, height, width, heads, head_dim]``, the dtype of ``query``.
+        ``[batch, height, width, heads, head_dim]``, the dtype of ``query``. An output is NaN
+        exactly where legacy NATTEN's is (its q, or a k/v in its window, is non-finite).
     """
     kernel_size, dilation = _check_inputs(query, key, value, kernel_size, dilation, rpb)
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, rpb))
-    name = select_backend(query.device, rpb is not None, needs_grad)
-    _log_once(name, query.device.type, rpb is not None)
-    if name == "reference":
-        return na2d_reference(query, key, value, kernel_size, dilation, rpb, scale)
-    try:
-        return backends.run(name, query, key, value, kernel_size, dilation, rpb, scale)
-    except backends.Unsupported as error:
-        if _forced_backend or os.environ.get(BACKEND_ENV_VAR):
-            raise ValueError(f"attention backend {name!r} refused this input: {error}") from error
-    # NATTEN has shape rules of its own (e.g. head_dim a power of two >= 8 on flex): next backend.
-    name = available_backends(query.device, rpb is not None, needs_grad)[1]
-    _log_once(name, query.device.type, rpb is not None, reason="NATTEN refused the input")
-    return backends.run(name, query, key, value, kernel_size, dilation, rpb, scale)
+    has_rpb = rpb is not None
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
+    name, forced = _resolve(query, has_rpb, needs_grad, backend)
+    _log_once(name, query.device.type, has_rpb)
+    while True:
+        try:
+            return backends.BACKENDS[name].run(query, key, value, kernel_size, dilation, rpb, scale)
+        except backends.Unsupported as error:
+            if forced:
+                raise ValueError(f"attention backend {name!r} refused this input: {error}") from error
+            # e.g. NATTEN's own shape rules (head_dim a power of two >= 8 on flex): next that can run
+            refused, name = name, backends.choose(query, has_rpb, needs_grad, after=name)
+            _log_once(name, query.device.type, has_rpb, reason=f"{refused!r} refused the input")
 
 
 def _log_once(name: str, device_type: str, has_rpb: bool, reason: str = "") -> None:

@@ -1,13 +1,14 @@
-"""Gather-based neighborhood attention: small, slow, obviously correct. For tests."""
+"""Gather-based neighborhood attention: small, slow, obviously correct. For tests, and for the
+few queries whose windows hold non-finite values (:func:`exact_where_nonfinite`)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .windows import neighborhood_1d
 
-__all__ = ["na2d_reference"]
+__all__ = ["na2d_reference", "na2d_reference_at", "exact_where_nonfinite"]
 
 
 def na2d_reference(
@@ -24,18 +25,63 @@ def na2d_reference(
     Layout ``[batch, height, width, heads, head_dim]``; arguments already validated.
     Memory is ``O(tokens * kh * kw * head_dim)``: use it for checking, not for models.
     """
-    _, height, width, _, _ = query.shape
-    rows, row_bias = neighborhood_1d(height, kernel_size[0], dilation[0])
-    cols, col_bias = neighborhood_1d(width, kernel_size[1], dilation[1])
-    # [batch, H, W, kh, kw, heads, dim]
-    row_idx, col_idx = rows[:, None, :, None], cols[None, :, None, :]
-    k = key[:, row_idx, col_idx]
-    v = value[:, row_idx, col_idx]
-    logits = torch.einsum("bhwnd,bhwijnd->bhwnij", query * scale, k)
+    every_query = torch.ones(query.shape[:4], dtype=torch.bool, device=query.device).nonzero(as_tuple=True)
+    out = na2d_reference_at(query, key, value, kernel_size, dilation, rpb, scale, every_query)
+    return out.view(query.shape)
+
+
+def na2d_reference_at(query, key, value, kernel_size, dilation, rpb, scale,
+                      index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Outputs ``[len(index[0]), head_dim]`` of the queries at ``index = (batch, row, col, head)``
+    (1-D int64 tensors); other arguments as :func:`na2d_reference`."""
+    batch, row, col, head = index
+    rows, row_bias = neighborhood_1d(query.shape[1], kernel_size[0], dilation[0], query.device)
+    cols, col_bias = neighborhood_1d(query.shape[2], kernel_size[1], dilation[1], query.device)
+    # window of each selected query: [m, kh, 1] x [m, 1, kw] -> keys and values [m, kh, kw, dim]
+    window_rows, window_cols = rows[row][:, :, None], cols[col][:, None, :]
+    batch_, head_ = batch[:, None, None], head[:, None, None]
+    k = key[batch_, window_rows, window_cols, head_]
+    v = value[batch_, window_rows, window_cols, head_]
+    logits = torch.einsum("md,mijd->mij", query[batch, row, col, head] * scale, k)
     if rpb is not None:
-        # [heads, H, W, kh, kw] -> [H, W, heads, kh, kw]
-        bias = rpb[:, row_bias[:, None, :, None], col_bias[None, :, None, :]]
-        logits = logits + bias.permute(1, 2, 0, 3, 4)
-    b, h, w, n, i, j = logits.shape
-    attn = logits.reshape(b, h, w, n, i * j).softmax(dim=-1).reshape(b, h, w, n, i, j)
-    return torch.einsum("bhwnij,bhwijnd->bhwnd", attn, v)
+        logits = logits + rpb.to(logits.dtype)[head_, row_bias[row][:, :, None], col_bias[col][:, None, :]]
+    attn = logits.flatten(1).softmax(dim=-1).view_as(logits)
+    return torch.einsum("mij,mijd->md", attn, v)
+
+
+def exact_where_nonfinite(compute: Callable[..., torch.Tensor], query, key, value, kernel_size, dilation,
+                          rpb, scale) -> torch.Tensor:
+    """``compute(query, key, value, kernel_size, dilation, rpb, scale)``, with legacy NATTEN's
+    semantics for non-finite inputs even where ``compute`` attends to dense tiles or blocks.
+
+    Dense kernels also touch keys outside a query's window (masked with -inf, weighted 0), and
+    ``NaN - inf`` and ``0 * NaN`` are NaN: one NaN would spoil a whole tile. So when q, k or v
+    holds a NaN/Inf, ``compute`` runs on zeroed copies and the queries whose output depends on
+    one (their own q, or a k/v in their window) are recomputed by :func:`na2d_reference_at`.
+    The all-finite check is one sum per tensor; it is skipped on meta tensors and while
+    ``torch.compile`` traces (a data-dependent branch would break the graph).
+    """
+    if query.device.type == "meta" or torch.compiler.is_compiling() or _all_finite(query, key, value):
+        return compute(query, key, value, kernel_size, dilation, rpb, scale)
+    index = _queries_seeing_nonfinite(query, key, value, kernel_size, dilation)
+    zeroed = (t.nan_to_num(0.0, 0.0, 0.0) for t in (query, key, value))
+    out = compute(*zeroed, kernel_size, dilation, rpb, scale)
+    return out.index_put(index, na2d_reference_at(query, key, value, kernel_size, dilation, rpb, scale, index))
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """True if no element is NaN or Inf. A sum is non-finite whenever an element is, and costs
+    less than ``isfinite().all()``; a finite sum that overflows only sends us to the exact path."""
+    with torch.no_grad():
+        total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors)
+        return bool(torch.isfinite(total))
+
+
+def _queries_seeing_nonfinite(query, key, value, kernel_size, dilation) -> tuple[torch.Tensor, ...]:
+    """``(batch, row, col, head)`` of every query whose q, or a k or v in its window, is non-finite."""
+    with torch.no_grad():
+        bad_key = ~(key.isfinite().all(-1) & value.isfinite().all(-1))  # [batch, H, W, heads]
+        rows, _ = neighborhood_1d(query.shape[1], kernel_size[0], dilation[0], query.device)
+        cols, _ = neighborhood_1d(query.shape[2], kernel_size[1], dilation[1], query.device)
+        sees_bad = bad_key[:, rows[:, None, :, None], cols[None, :, None, :]].flatten(3, 4).any(3)
+        return (sees_bad | ~query.isfinite().all(-1)).nonzero(as_tuple=True)

@@ -7,7 +7,11 @@ against ``Hk*Hk`` keys, with an additive table holding the RPB of every in-windo
 ``-inf`` elsewhere. Border tiles, sub-grids of unequal length and padded query slots are
 all expressed by that table, so every tile runs the same batched matmuls and softmax.
 
-The index plans depend only on (length, kernel, dilation, tile) and are cached.
+The index plans depend only on (length, kernel, dilation, tile) and are cached as plain CPU
+tensors (built outside inference mode and any default-device context, so a run under
+``torch.inference_mode()`` or on the meta device never poisons them for later training);
+each call moves them to the input's device. Non-finite inputs keep legacy semantics through
+:func:`.reference.exact_where_nonfinite`.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .reference import exact_where_nonfinite
 from .windows import subgrid_length, window_start
 
 __all__ = ["na2d_tiled", "axis_plan", "choose_tile"]
@@ -53,16 +58,18 @@ def choose_tile(length: int, kernel_size: int, dilation: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPlan:
-    """Build (and cache) the tiling of one axis; see :class:`AxisPlan`."""
+    """Build (and cache) the tiling of one axis as CPU tensors; see :class:`AxisPlan`.
+
+    Call it through :func:`grid_plan`, which builds outside inference mode."""
     lengths = [subgrid_length(length, dilation, g) for g in range(dilation)]
     halo = max(min(tile + kernel_size - 1, n) for n in lengths)
-    slots = torch.arange(tile)
-    halo_slots = torch.arange(halo)
+    slots = torch.arange(tile, device="cpu")
+    halo_slots = torch.arange(halo, device="cpu")
     queries, keys, biases = [], [], []
-    tile_of = torch.empty(length, dtype=torch.long)
-    slot_of = torch.empty(length, dtype=torch.long)
+    tile_of = torch.empty(length, dtype=torch.long, device="cpu")
+    slot_of = torch.empty(length, dtype=torch.long, device="cpu")
     for group, n in enumerate(lengths):
-        first = torch.arange(0, n, tile)                                  # [tiles]
+        first = torch.arange(0, n, tile, device="cpu")                    # [tiles]
         sub_q = (first[:, None] + slots).clamp(max=n - 1)                 # [tiles, T]
         start = window_start(sub_q, n, kernel_size)                       # [tiles, T]
         halo_start = start[:, :1].clamp(max=max(n - halo, 0))             # [tiles, 1]
@@ -74,7 +81,7 @@ def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPl
         queries.append(group + dilation * sub_q)
         keys.append(group + dilation * sub_k.clamp(max=n - 1))
         offset = sum(len(q) for q in queries[:-1])
-        sub = torch.arange(n)
+        sub = torch.arange(n, device="cpu")
         tile_of[group::dilation] = offset + sub // tile
         slot_of[group::dilation] = sub % tile
     return AxisPlan(torch.cat(queries), torch.cat(keys), torch.cat(biases), tile_of, slot_of)
@@ -95,9 +102,20 @@ class GridPlan(NamedTuple):
     halo: tuple                 # (Hkr, Hkc)
 
 
-@functools.lru_cache(maxsize=64)
 def grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
-    """Build (and cache) the 2-D tiling from the two axis plans."""
+    """The (cached) 2-D tiling from the two axis plans, as plain CPU tensors.
+
+    Built with inference mode off: tensors created under ``torch.inference_mode()`` could never
+    be saved for backward, and the cache outlives the call that filled it.
+    """
+    if torch.compiler.is_compiling():  # traced into the graph; no tensor outlives the trace
+        return _grid_plan(height, width, kernel_size, dilation, tile)
+    with torch.inference_mode(False):
+        return _grid_plan(height, width, kernel_size, dilation, tile)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
     rows = axis_plan(height, kernel_size[0], dilation[0], tile[0])
     cols = axis_plan(width, kernel_size[1], dilation[1], tile[1])
 
@@ -130,7 +148,7 @@ def _class_bias(table: torch.Tensor, plan: GridPlan) -> torch.Tensor:
     br, bc = plan.row_bias, plan.col_bias
     bias = table[:, br[:, None, :, None, :, None], bc[None, :, None, :, None, :]]
     heads, cr, cc = bias.shape[:3]
-    return bias.reshape(heads, cr * cc, -1)
+    return bias.reshape(heads, cr * cc, math.prod(bias.shape[3:]))  # explicit: heads may be 0
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +169,12 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
 
     Arguments as :func:`timm_nat.attention.na2d`, validated; ``tile`` = (rows, cols) or None.
     """
+    def dense(query, key, value, kernel_size, dilation, rpb, scale):
+        return _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile)
+    return exact_where_nonfinite(dense, query, key, value, kernel_size, dilation, rpb, scale)
+
+
+def _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile):
     b, height, width, heads, dim = query.shape
     if tile is None:
         tile = (choose_tile(height, kernel_size[0], dilation[0]), choose_tile(width, kernel_size[1], dilation[1]))
@@ -162,19 +186,21 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
     class_bias = _class_bias(_bias_table(rpb, heads, kernel_size, query.dtype, query.device), plan)
 
     halo_bytes = b * heads * halo_len * dim * query.element_size()
-    chunk = max(1, _CHUNK_BYTES // halo_bytes)
+    chunk = max(1, _CHUNK_BYTES // max(1, halo_bytes))  # an empty batch or no heads: one chunk
     outs = []
     for start in range(0, num_tiles, chunk):
         tiles = slice(start, min(start + chunk, num_tiles))
+        count = tiles.stop - tiles.start
         q_idx = plan.query_index[tiles.start * query_len:tiles.stop * query_len]
         k_idx = plan.key_index[tiles.start * halo_len:tiles.stop * halo_len]
-        q_t = q.index_select(1, q_idx).view(b, -1, query_len, dim)
-        k_t = k.index_select(1, k_idx).view(b, -1, halo_len, dim)
-        v_t = v.index_select(1, k_idx).view(b, -1, halo_len, dim)
-        bias = class_bias.index_select(1, plan.tile_class[tiles]).view(1, -1, query_len, halo_len)
+        # explicit sizes (no -1): they stay defined when the batch or the heads are empty
+        q_t = q.index_select(1, q_idx).view(b, heads * count, query_len, dim)
+        k_t = k.index_select(1, k_idx).view(b, heads * count, halo_len, dim)
+        v_t = v.index_select(1, k_idx).view(b, heads * count, halo_len, dim)
+        bias = class_bias.index_select(1, plan.tile_class[tiles]).view(1, heads * count, query_len, halo_len)
         # Fused on CPU when nothing needs a gradient; its math path otherwise (exact either way).
         out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=bias, scale=scale)
-        outs.append(out.view(b * heads, -1, dim))
+        outs.append(out.view(b * heads, count * query_len, dim))
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     out = out.index_select(1, plan.output_index)
     return out.view(b, heads, height, width, dim).permute(0, 2, 3, 1, 4)
