@@ -4,12 +4,14 @@ import logging
 import random
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 
-from timm_nat.attention import available_backends, functional, na2d, use_backend
+from timm_nat.attention import available_backends, backends, functional, na2d, select_backend, tiled, use_backend
 from timm_nat.attention.flex import na2d_flex
 from timm_nat.attention.reference import na2d_reference
+from timm_nat.attention.windows import neighborhood_1d, subgrid_length, window_start
 
 GRADS = ("dq", "dk", "dv", "drpb")
 
@@ -153,6 +155,12 @@ def _qkv(shape=(1, 9, 9, 2, 8), dtype=torch.float32):
     (lambda q, k, v: na2d(q, k.double(), v, 3), TypeError, ["dtype", "torch.float64"]),
     (lambda q, k, v: na2d(q, k, v, 3, rpb=torch.zeros(3, 5, 5)), ValueError, ["rpb", "[2, 5, 5]", "[3, 5, 5]"]),
     (lambda q, k, v: na2d(q, k, v, 3, rpb=torch.zeros(2, 3, 3)), ValueError, ["rpb", "[2, 5, 5]", "[2, 3, 3]"]),
+    (lambda q, k, v: na2d(q, k, v, 1.0), TypeError, ["kernel_size", "1.0", "float"]),
+    (lambda q, k, v: na2d(q, k, v, 3, dilation=1.5), TypeError, ["dilation", "1.5"]),
+    (lambda q, k, v: na2d(q[..., :0], k[..., :0], v[..., :0], 3), ValueError, ["head_dim", ">= 1", "(1, 9, 9, 2, 0)"]),
+    (lambda q, k, v: na2d(q, k, v, 3, rpb=torch.zeros(2, 5, 5, device="meta")), ValueError, ["rpb", "meta", "cpu"]),
+    (lambda q, k, v: na2d(q, k.to("meta"), v, 3), ValueError, ["one device", "meta"]),
+    (lambda q, k, v: na2d(q, k, v, 3, rpb=torch.zeros(2, 5, 5, dtype=torch.long)), TypeError, ["rpb", "int64"]),
 ])
 def test_bad_input_is_named(call, error, words):
     with pytest.raises(error) as info:
@@ -185,3 +193,231 @@ def test_backend_choice_and_overrides(monkeypatch, caplog):
     monkeypatch.delenv("TIMM_NAT_ATTENTION_BACKEND")
     with use_backend("flex"), pytest.raises(ValueError, match="cannot run on cpu with autograd"):
         na2d(q.requires_grad_(), k, v, 3, rpb=rpb)
+
+
+# --- odd inputs: empty dims, non-finite values, other rpb dtypes ------------------------------------
+
+@pytest.mark.parametrize("shape", [(0, 9, 9, 2, 8), (2, 9, 9, 0, 8), (0, 9, 9, 0, 8)], ids=["batch0", "heads0", "both0"])
+@pytest.mark.parametrize("backend", [None, "tiled", "reference"])
+def test_empty_batch_or_heads(shape, backend):
+    """An empty batch or no heads gives the empty result (and empty gradients), never a crash."""
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(shape[3], 5, 7, requires_grad=True)
+    out = na2d(q, k, v, (3, 4), dilation=(2, 1), rpb=rpb, backend=backend)
+    assert out.shape == shape and out.dtype == q.dtype
+    out.sum().backward()
+    assert q.grad.shape == shape and not q.grad.any()
+    assert rpb.grad is None or not rpb.grad.any()  # None: autograd's zero
+
+
+@pytest.mark.parametrize("backend", ["natten", "flex"])
+def test_empty_input_on_fused_backends_is_refused_clearly(backend):
+    """Forced, they refuse (compiled CPU flex would kill the process); automatic choice skips them."""
+    q = torch.randn(0, 9, 9, 2, 8)
+    with pytest.raises(ValueError, match=rf"'{backend}' \(from the backend argument\) cannot run an empty input"
+                                         r".*\(0, 9, 9, 2, 8\).*available: \['tiled', 'reference'\]"):
+        na2d(q, q, q, 3, backend=backend)
+
+
+def test_empty_batch_through_a_model():
+    model = timm.create_model("nat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                              kernel_size=3, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 64, 64)).shape == (0, 5)
+    model.train()
+    model(torch.randn(0, 3, 64, 64)).sum().backward()
+
+
+def _assert_same_with_nans(ours, expected, atol=1e-6):
+    assert torch.equal(ours.isnan(), expected.isnan()), (
+        f"NaN at {ours.isnan().sum().item()} places, expected {expected.isnan().sum().item()}")
+    torch.testing.assert_close(ours, expected, rtol=0, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend, with_rpb", [("tiled", True), ("tiled", False), ("natten", False)])
+def test_nonfinite_stays_in_its_windows(backend, with_rpb):
+    """Issue 10 #2: one NaN in v[10, 10] on a 20x20 map, kernel 3, spoils the 9 outputs whose window
+    holds it (legacy NATTEN, reference), not the 100 of dense tiles; likewise Inf in k and NaN in q."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 20, 20, 2, 8, generator=gen) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen) if with_rpb else None
+    v[0, 10, 10, 0, 3] = float("nan")
+    out = na2d(q, k, v, 3, rpb=rpb, backend=backend)
+    spoiled = out.isnan().any(-1)  # [1, 20, 20, heads]
+    assert spoiled.sum().item() == 9 and spoiled[0, 9:12, 9:12, 0].all()
+    _assert_same_with_nans(out, na2d_reference(q, k, v, (3, 3), (1, 1), rpb, 8 ** -0.5))
+    k[0, 0, 19, 1, 0] = float("inf")  # a corner: its window is clamped inwards
+    k[0, 5, 5, 0, 1] = -float("inf")
+    q[0, 15, 3, 1, 2] = float("nan")
+    out = na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb, backend=backend)
+    _assert_same_with_nans(out, na2d_reference(q, k, v, (3, 3), (2, 1), rpb, 8 ** -0.5))
+    assert 0 < out.isnan().sum().item() < out.numel() // 10
+
+
+def test_gradients_around_a_nan_match_reference():
+    """Gradients are the reference's too: exact away from the NaN (the zeroed copy passes them
+    through), NaN exactly where the reference's backward (0 * NaN) makes them NaN."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 12, 12, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        v[0, 6, 6, 0, 0] = float("nan")
+    grads = []
+    for backend in ("tiled", "reference"):
+        out = na2d(q, k, v, 3, backend=backend)
+        grads.append(torch.autograd.grad(out[0, :3, :3].sum() + out[0, 5, 7].sum(), (q, k)))
+    for ours, expected in zip(*grads):
+        assert torch.equal(ours.isnan(), expected.isnan())
+        torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10, equal_nan=True)
+    assert grads[0][0][0, :3, :3].abs().min() > 0
+
+
+@pytest.mark.parametrize("backend", ["tiled", "reference", "flex"])
+@pytest.mark.parametrize("rpb_dtype", [torch.float64, torch.bfloat16])
+def test_rpb_of_another_dtype_is_cast(backend, rpb_dtype):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 9, 9, 2, 8, generator=gen) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen).to(rpb_dtype)
+    expected = na2d_reference(q, k, v, (3, 3), (1, 1), rpb.float(), 8 ** -0.5)
+    if backend == "flex":  # eager: the compiled kernel is covered by test_golden_flex_compiled
+        out = na2d_flex(q, k, v, (3, 3), (1, 1), rpb, 8 ** -0.5, compile=False)
+    else:
+        out = na2d(q, k, v, 3, rpb=rpb, backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+# --- cached index plans ----------------------------------------------------------------------------
+
+@pytest.fixture
+def empty_plan_cache():
+    tiled._grid_plan.cache_clear()
+    tiled.axis_plan.cache_clear()
+    yield
+    tiled._grid_plan.cache_clear()
+    tiled.axis_plan.cache_clear()
+
+
+def _grads(out, *inputs):
+    return torch.autograd.grad(out.square().sum(), inputs)
+
+
+def test_training_after_inference_mode_at_the_same_size(empty_plan_cache):
+    """Issue 10 #4: plans cached under inference_mode must not be inference tensors."""
+    q, k, v = (torch.randn(2, 11, 13, 2, 8) for _ in range(3))
+    rpb = torch.randn(2, 5, 5)
+    with torch.inference_mode():
+        na2d(q, k, v, 3, dilation=(2, 3), rpb=rpb)
+    q.requires_grad_()
+    rpb.requires_grad_()
+    ours = _grads(na2d(q, k, v, 3, dilation=(2, 3), rpb=rpb, backend="tiled"), q, rpb)
+    expected = _grads(na2d_reference(q, k, v, (3, 3), (2, 3), rpb, 8 ** -0.5), q, rpb)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_model_trains_after_an_inference_mode_run(empty_plan_cache):
+    model = timm.create_model("dinat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
+                              kernel_size=3, dilations=((2,), (1,), (1,), (1,)), num_classes=5)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_meta_forward_gives_meta_output_and_leaves_the_cache_usable(empty_plan_cache):
+    with torch.device("meta"):
+        q = torch.randn(2, 14, 10, 2, 8)
+        out = na2d(q, q, q, 5, dilation=2, rpb=torch.randn(2, 9, 9))
+    assert out.device.type == "meta" and out.shape == q.shape
+    q, k, v = (torch.randn(2, 14, 10, 2, 8) for _ in range(3))
+    rpb = torch.randn(2, 9, 9)
+    torch.testing.assert_close(na2d(q, k, v, 5, dilation=2, rpb=rpb, backend="tiled"),
+                               na2d_reference(q, k, v, (5, 5), (2, 2), rpb, 8 ** -0.5), rtol=0, atol=1e-6)
+
+
+# --- backend choice -----------------------------------------------------------------------------------
+
+def test_use_backend_blocks_nest_and_may_leave_out_of_order(monkeypatch):
+    monkeypatch.setenv("TIMM_NAT_ATTENTION_BACKEND", "reference")
+    assert select_backend("cpu", has_rpb=True) == "reference"
+    outer, inner = use_backend("flex"), use_backend("tiled")
+    outer.__enter__()
+    inner.__enter__()
+    assert select_backend("cpu", has_rpb=True) == "tiled"
+    outer.__exit__(None, None, None)  # left first: the inner block stays in force
+    assert select_backend("cpu", has_rpb=True) == "tiled"
+    inner.__exit__(None, None, None)  # nothing forced is left behind
+    assert select_backend("cpu", has_rpb=True) == "reference"
+
+
+def test_use_backend_none_is_automatic_despite_the_environment(monkeypatch):
+    monkeypatch.setenv("TIMM_NAT_ATTENTION_BACKEND", "natten")
+    q = torch.randn(1, 9, 9, 2, 8)
+    rpb = torch.zeros(2, 5, 5)
+    with pytest.raises(ValueError, match=r"'natten' \(from \$TIMM_NAT_ATTENTION_BACKEND\) has no relative"):
+        na2d(q, q, q, 3, rpb=rpb)
+    with use_backend(None):
+        assert select_backend("cpu", has_rpb=True) == "tiled"
+        na2d(q, q, q, 3, rpb=rpb)
+        with use_backend("reference"), use_backend(None):  # also beats an outer block
+            assert select_backend("cpu", has_rpb=True) == "tiled"
+
+
+def test_backend_argument_beats_use_backend_and_environment(monkeypatch):
+    monkeypatch.setenv("TIMM_NAT_ATTENTION_BACKEND", "flex")
+    q, k, v = _qkv()
+    rpb = torch.randn(2, 5, 5)
+    expected = na2d_reference(q, k, v, (3, 3), (1, 1), rpb, 8 ** -0.5)
+    with use_backend("natten"):
+        torch.testing.assert_close(na2d(q, k, v, 3, rpb=rpb, backend="reference"), expected, rtol=0, atol=0)
+        with pytest.raises(ValueError, match=r"unknown attention backend 'fast' \(from the backend argument\)"):
+            na2d(q, k, v, 3, backend="fast")
+
+
+def test_refused_backend_falls_back_to_the_next_that_can_run(monkeypatch):
+    """Preference natten, flex, tiled, reference with autograd on CPU: natten and flex cannot run;
+    when tiled refuses the input, the next one that can run is reference (not available[1])."""
+    monkeypatch.setattr(backends, "_PREFERENCE", {"cpu": ("natten", "flex", "tiled", "reference")})
+    refused = []
+
+    def refuse(*args):
+        refused.append("tiled")
+        raise backends.Unsupported("no kernel for this shape")
+
+    monkeypatch.setattr(backends.BACKENDS["tiled"], "run", refuse)
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    assert available_backends("cpu", has_rpb=False, needs_grad=True) == ["tiled", "reference"]
+    out = na2d(q, k, v, 3)
+    assert refused == ["tiled"]
+    torch.testing.assert_close(out, na2d_reference(q, k, v, (3, 3), (1, 1), None, 8 ** -0.5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'tiled' refused this input: no kernel for this shape"):
+        na2d(q, k, v, 3, backend="tiled")
+
+
+def test_every_backend_has_a_can_run_check():
+    names = set(backends.BACKENDS)
+    assert names == {"natten", "flex", "tiled", "reference"}
+    for device in ("cpu", "cuda", "meta"):
+        assert set(backends.preference(torch.device(device))) == names
+    empty = torch.empty(0, 9, 9, 1, 8)
+    assert [n for n in names if backends.BACKENDS[n].can_run(empty, False, False)] == sorted(
+        ["tiled", "reference"], key=[n for n in names].index)
+    assert available_backends("meta", has_rpb=True) == ["tiled", "reference"]
+
+
+# --- the window rule ---------------------------------------------------------------------------------
+
+def test_window_start_takes_int_or_tensor_sub_length():
+    """One rule for tiled, reference and flex (which passes tensors): centred, clamped inwards."""
+    for length, kernel, dilation in [(9, 3, 1), (23, 3, 3), (17, 5, 2), (10, 5, 2)]:
+        pos = torch.arange(length)
+        group, sub = pos % dilation, pos // dilation
+        tensor_rule = window_start(sub, subgrid_length(length, dilation, group), kernel)
+        for g in range(dilation):
+            n = subgrid_length(length, dilation, g)
+            assert torch.equal(window_start(sub[group == g], n, kernel), tensor_rule[group == g])
+            expected = [min(max(p - kernel // 2, 0), n - kernel) for p in range(n)]
+            assert tensor_rule[group == g].tolist() == expected
+        keys, _ = neighborhood_1d(length, kernel, dilation)
+        assert torch.equal(keys[:, 0], group + dilation * tensor_rule)
