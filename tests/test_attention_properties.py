@@ -1,0 +1,105 @@
+"""Property-based: every CPU backend equals ``reference`` (values and NaN positions) or raises a
+clear error, over random shapes, per-axis kernels and dilations, dtypes, RPB or not, empty
+batch/heads and non-finite values; ``tiled``'s gradients too. Runs in well under a minute
+(fixed example counts, derandomized so CI is reproducible; no example database is written)."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from timm_nat.attention import na2d
+from timm_nat.attention.flex import na2d_flex
+from timm_nat.attention.reference import na2d_reference
+
+_SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+# bf16 keeps 8 significant bits (eps 2^-8 = 0.0039). Backend and reference both round the logits,
+# probabilities and outputs to bf16, in different orders; with unit-scale inputs |out| <= max|v|
+# ~ 4, so a few roundings of 4 * 2^-8 each stay within 3e-2 (the README's documented bf16 bound).
+_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
+_NONFINITE = (math.nan, math.inf, -math.inf)
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float32, torch.float64, torch.bfloat16), nonfinite=True, empty=True):
+    kernel = (draw(st.integers(2, 5)), draw(st.integers(2, 5)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    height, width = (k * d + draw(st.integers(0, 5)) for k, d in zip(kernel, dilation))
+    batch = draw(st.integers(0 if empty else 1, 2))
+    heads = draw(st.integers(0 if empty else 1, 3))
+    shape = (batch, height, width, heads, draw(st.sampled_from([1, 3, 8, 16])))
+    dtype = draw(st.sampled_from(dtypes))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    rpb = None
+    if draw(st.booleans()):
+        rpb = torch.randn(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=gen, dtype=torch.float64).to(dtype)
+    if nonfinite and q.numel():
+        for _ in range(draw(st.integers(0, 3))):
+            target = draw(st.sampled_from([q, k, v]))
+            target.view(-1)[draw(st.integers(0, q.numel() - 1))] = draw(st.sampled_from(_NONFINITE))
+    return dict(q=q, k=k, v=v, kernel=kernel, dilation=dilation, rpb=rpb, scale=shape[-1] ** -0.5)
+
+
+def _reference(p):
+    return na2d_reference(p["q"], p["k"], p["v"], p["kernel"], p["dilation"], p["rpb"], p["scale"])
+
+
+def _assert_matches(ours, expected, dtype, what):
+    assert ours.shape == expected.shape and ours.dtype == expected.dtype, what
+    assert torch.equal(ours.isnan(), expected.isnan()), (
+        f"{what}: NaN at {ours.isnan().sum().item()} places, reference at {expected.isnan().sum().item()}")
+    tol = _TOLERANCE[dtype]
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _run_or_clear_error(backend, p):
+    """The backend's output, or None when it refused with a clear error (a ValueError naming it)."""
+    try:
+        return na2d(p["q"], p["k"], p["v"], p["kernel"], p["dilation"], rpb=p["rpb"], scale=p["scale"], backend=backend)
+    except ValueError as error:
+        assert f"'{backend}'" in str(error), f"unclear error from {backend}: {error}"
+        return None
+
+
+@pytest.mark.parametrize("backend", ["tiled", "natten"])
+@settings(max_examples=50, **_SETTINGS)
+@given(p=problems())
+def test_backend_equals_reference(backend, p):
+    if backend == "natten":
+        p["rpb"] = None  # NATTEN has no RPB (that refusal is tested in test_attention.py)
+    ours = _run_or_clear_error(backend, p)
+    if backend == "tiled":
+        assert ours is not None, "tiled runs every valid input"
+    if ours is not None:
+        _assert_matches(ours, _reference(p), p["q"].dtype, backend)
+
+
+@settings(max_examples=5, **_SETTINGS)
+@given(p=problems(nonfinite=False, empty=False))
+def test_flex_eager_equals_reference(p):
+    """Eager flex (its compiled kernel costs ~15 s a shape; see test_golden_flex_compiled). Finite
+    inputs and non-empty ones only: NaN handling and empty inputs on flex are issue 10 #3 (flex.py)
+    and na2d's can_run check (test_empty_input_on_fused_backends_is_refused_clearly)."""
+    ours = na2d_flex(p["q"], p["k"], p["v"], p["kernel"], p["dilation"], p["rpb"], p["scale"], compile=False)
+    _assert_matches(ours, _reference(p), p["q"].dtype, "flex")
+
+
+@settings(max_examples=30, **_SETTINGS)
+@given(p=problems(dtypes=(torch.float64,)))
+def test_tiled_gradients_equal_reference(p):
+    """fp64 gradients of q, k, v and rpb, NaN positions included (non-finite inputs make the
+    reference's backward NaN exactly where 0 * NaN meets them; tiled's must agree)."""
+    inputs = [t.requires_grad_() for t in (p["q"], p["k"], p["v"], p["rpb"]) if t is not None]
+    grad_out = torch.randn(p["q"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = []
+    for backend in ("tiled", "reference"):
+        out = na2d(p["q"], p["k"], p["v"], p["kernel"], p["dilation"], rpb=p["rpb"], scale=p["scale"], backend=backend)
+        results.append(torch.autograd.grad((out * grad_out).sum(), inputs, allow_unused=True))
+    for index, (ours, expected) in enumerate(zip(*results)):
+        if ours is None or expected is None:  # unused: empty input; autograd's zero either way
+            assert not any(g is not None and g.any() for g in (ours, expected))
+            continue
+        _assert_matches(ours, expected, torch.float64, f"grad {index}")
