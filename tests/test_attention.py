@@ -290,10 +290,10 @@ def test_rpb_of_another_dtype_is_cast(backend, rpb_dtype):
 
 @pytest.fixture
 def empty_plan_cache():
-    tiled._grid_plan.cache_clear()
+    tiled.grid_plan.cache_clear()
     tiled.axis_plan.cache_clear()
     yield
-    tiled._grid_plan.cache_clear()
+    tiled.grid_plan.cache_clear()
     tiled.axis_plan.cache_clear()
 
 
@@ -421,3 +421,10 @@ def test_window_start_takes_int_or_tensor_sub_length():
             assert tensor_rule[group == g].tolist() == expected
         keys, _ = neighborhood_1d(length, kernel, dilation)
         assert torch.equal(keys[:, 0], group + dilation * tensor_rule)
+
+
+def test_axis_plan_called_under_inference_mode_caches_plain_tensors(empty_plan_cache):
+    with torch.inference_mode():
+        plan = tiled.axis_plan(13, 3, 2, 4)
+    assert not any(t.is_inference() for t in plan)
+    assert all(t.device.type == "cpu" for t in plan)

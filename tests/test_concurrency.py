@@ -121,7 +121,7 @@ def test_concurrent_training_and_inference_match_running_alone():
             errors.append(error)
 
     from timm_nat.attention import tiled
-    tiled._grid_plan.cache_clear()  # both threads fill the plan cache for the first time, together
+    tiled.grid_plan.cache_clear()  # both threads fill the plan cache for the first time, together
     threads = [threading.Thread(target=run, args=("train", _train, copy.deepcopy(model), batches)),
                threading.Thread(target=run, args=("infer", _infer, copy.deepcopy(model), batches))]
     for t in threads:

@@ -56,11 +56,31 @@ def choose_tile(length: int, kernel_size: int, dilation: int) -> int:
     return best
 
 
-@functools.lru_cache(maxsize=256)
-def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPlan:
-    """Build (and cache) the tiling of one axis as CPU tensors; see :class:`AxisPlan`.
+def _plan_cache(maxsize: int):
+    """``functools.lru_cache`` for index plans, filled with inference mode off.
 
-    Call it through :func:`grid_plan`, which builds outside inference mode."""
+    Tensors created under ``torch.inference_mode()`` can never be saved for backward, and a
+    cache outlives the call that filled it. (While torch.compile traces, the plan is traced
+    into the graph instead.) Builders put their tensors on CPU explicitly, so a default-device
+    context such as ``with torch.device("meta")`` cannot reach the cache either.
+    """
+    def decorate(build):
+        cached = functools.lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(build)
+        def plan(*args):
+            if torch.compiler.is_compiling():
+                return cached(*args)
+            with torch.inference_mode(False):
+                return cached(*args)
+        plan.cache_clear = cached.cache_clear
+        return plan
+    return decorate
+
+
+@_plan_cache(maxsize=256)
+def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPlan:
+    """Build (and cache) the tiling of one axis as CPU tensors; see :class:`AxisPlan`."""
     lengths = [subgrid_length(length, dilation, g) for g in range(dilation)]
     halo = max(min(tile + kernel_size - 1, n) for n in lengths)
     slots = torch.arange(tile, device="cpu")
@@ -102,20 +122,9 @@ class GridPlan(NamedTuple):
     halo: tuple                 # (Hkr, Hkc)
 
 
+@_plan_cache(maxsize=64)
 def grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
-    """The (cached) 2-D tiling from the two axis plans, as plain CPU tensors.
-
-    Built with inference mode off: tensors created under ``torch.inference_mode()`` could never
-    be saved for backward, and the cache outlives the call that filled it.
-    """
-    if torch.compiler.is_compiling():  # traced into the graph; no tensor outlives the trace
-        return _grid_plan(height, width, kernel_size, dilation, tile)
-    with torch.inference_mode(False):
-        return _grid_plan(height, width, kernel_size, dilation, tile)
-
-
-@functools.lru_cache(maxsize=64)
-def _grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
+    """Build (and cache) the 2-D tiling from the two axis plans, as CPU tensors."""
     rows = axis_plan(height, kernel_size[0], dilation[0], tile[0])
     cols = axis_plan(width, kernel_size[1], dilation[1], tile[1])
 
