@@ -163,12 +163,14 @@ def measure_legacy(shape: str, impl: str, mode: str, repeats: int, threads: int 
                                   HEAD_DIM ** -0.5).permute(0, 3, 1, 2, 4)
     err = (call().detach() - expected).abs().max().item()
     peak = peak_tensor_bytes(call, "cpu")
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - start)
-    return dict(ms=statistics.median(times) * 1e3, peak_mb=peak / 2**20, max_err=err)
+        cpu_times.append(time.process_time() - cpu_start)
+    return dict(ms=statistics.median(times) * 1e3, cpu_ms=statistics.median(cpu_times) * 1e3, peak_mb=peak / 2**20,
+                max_err=err)
 
 
 def _run_legacy_cell(shape, impl, mode, repeats, timeout, threads):
@@ -198,8 +200,10 @@ def legacy_main(repeats: int, timeout: int, threads: int) -> int:
         print(f"  {impl:<13} {what}")
     if not has_mps:
         print("  (natten-mps is not installed: its rows are skipped; pip install natten-mps to include them)")
-    header = (f"{'shape':<8} {'B,H,W,heads':<13} {'impl':<13} {'fwd ms':>9} {'fwd+bwd ms':>11} {'f+b peak MB':>12} "
-              f"{'max err':>9} {'fwd x mps':>10} {'f+b x mps':>10}")
+    print("  wall: median wall-clock ms; cpu: median process CPU ms (steadier on a shared machine, equal to the\n"
+          "  work with --threads 1); x mps: natten-mps' cpu ms over this row's")
+    header = (f"{'shape':<8} {'B,H,W,heads':<13} {'impl':<13} {'fwd wall':>9} {'fwd cpu':>8} {'f+b wall':>9} "
+              f"{'f+b cpu':>8} {'f+b peak MB':>12} {'max err':>8} {'fwd x mps':>10} {'f+b x mps':>10}")
     print(header)
     print("-" * len(header))
     for shape in LEGACY_SHAPES:
@@ -215,14 +219,14 @@ def legacy_main(repeats: int, timeout: int, threads: int) -> int:
                 return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
             def ratio(mode):
-                base, ours = cells.get("natten-mps", {}).get(mode, {}).get("ms"), cell[mode].get("ms")
+                base, ours = cells.get("natten-mps", {}).get(mode, {}).get("cpu_ms"), cell[mode].get("cpu_ms")
                 return f"{base / ours:.1f}x" if base and ours else "-"
             err = cell["fwd"].get("max_err")
             note = "; ".join(sorted({c["error"] for c in cell.values() if c.get("error")}))
             print(f"{shape:<8} {','.join(map(str, LEGACY_SHAPES[shape])):<13} {impl:<13} {fmt('fwd', 'ms', 9)} "
-                  f"{fmt('fwd+bwd', 'ms', 11)} {fmt('fwd+bwd', 'peak_mb', 12)} "
-                  f"{(f'{err:.1e}' if err is not None else '-'):>9} {ratio('fwd'):>10} {ratio('fwd+bwd'):>10}  {note}",
-                  flush=True)
+                  f"{fmt('fwd', 'cpu_ms', 8)} {fmt('fwd+bwd', 'ms', 9)} {fmt('fwd+bwd', 'cpu_ms', 8)} "
+                  f"{fmt('fwd+bwd', 'peak_mb', 12)} {(f'{err:.1e}' if err is not None else '-'):>8} "
+                  f"{ratio('fwd'):>10} {ratio('fwd+bwd'):>10}  {note}", flush=True)
     return 0
 
 

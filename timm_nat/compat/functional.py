@@ -42,7 +42,8 @@ class AxisTiles(NamedTuple):
 
 def _tile_size(length: int, kernel_size: int, dilation: int) -> int:
     """Queries per tile: fewest (padded queries x halo) score entries, plus a per-tile overhead
-    worth 32 entries (small batched matmuls are slower per entry; measured on CPU, 2 threads)."""
+    worth 32 entries (small batched matmuls are slower per entry). Tiles of 4 to 8 queries measured
+    within 10% of each other at NAT-Mini's stage shapes on CPU."""
     n = -(-length // dilation)  # longest dilation group
     costs = {t: dilation * -(-n // t) * (t * min(t + kernel_size - 1, n) + 32) for t in range(1, min(n, 16) + 1)}
     return min(costs, key=costs.get)
