@@ -205,6 +205,7 @@ def test_legacy_module_state_dict_names():
     assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {
         "qkv.weight": (96, 32), "qkv.bias": (96,), "rpb": (4, 13, 13), "proj.weight": (32, 32), "proj.bias": (32,)}
     assert NeighborhoodAttention2D(32, 4, 7, rel_pos_bias=False).rpb is None
+    assert NeighborhoodAttention2D(32, 4, 7, dilation=None).dilation == (1, 1)  # the original NATLayer's default
     with pytest.raises(ValueError, match="disagree"):
         NeighborhoodAttention2D(32, 4, 7, bias=True, rel_pos_bias=False)
 

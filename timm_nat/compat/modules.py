@@ -44,7 +44,7 @@ class NeighborhoodAttention2D(nn.Module):
             dim: int,
             num_heads: int,
             kernel_size: IntOrPair,
-            dilation: IntOrPair = 1,
+            dilation: Optional[IntOrPair] = 1,
             *,
             bias: Optional[bool] = None,
             rel_pos_bias: Optional[bool] = None,
@@ -60,7 +60,7 @@ class NeighborhoodAttention2D(nn.Module):
             dim: Channels of input and output.
             num_heads: Attention heads (must divide ``dim``).
             kernel_size: Neighbourhood size, int or (kh, kw).
-            dilation: Dilation, int or (dh, dw).
+            dilation: Dilation, int or (dh, dw); ``None`` means 1 (the original NAT models pass None).
             bias: NATTEN <= 0.14's name for ``rel_pos_bias``.
             rel_pos_bias: Learn an RPB table ``rpb`` [heads, 2kh-1, 2kw-1]. Default: on, as in NATTEN
                 <= 0.14 and in every published NAT/DiNAT model (NATTEN 0.15-0.17 defaulted to off;
@@ -84,7 +84,7 @@ class NeighborhoodAttention2D(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.kernel_size = to_2tuple(kernel_size)
-        self.dilation = to_2tuple(dilation)
+        self.dilation = to_2tuple(1 if dilation is None else dilation)
         self.window_size = tuple(k * d for k, d in zip(self.kernel_size, self.dilation))
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
