@@ -92,8 +92,9 @@ def test_golden_without_rpb(golden_cases):
                       t["out_norpb"])
 
 
-def test_pre_014_signatures(golden_cases):
-    """NATTEN < 0.14 (transformers <= 4.2x) called natten2dqkrpb(q, k, rpb, dilation), natten2dav(attn, v, dilation)."""
+def test_natten_0144_signatures(golden_cases):
+    """NATTEN <= 0.14.4 (and transformers code of that time) called natten2dqkrpb(q, k, rpb, dilation)
+    and natten2dav(attn, v, dilation)."""
     case, t = next((c, t) for c, t in golden_cases if c["dilation"][0] == c["dilation"][1] > 1)
     kernel, (dilation, _) = _window(case)
     logits = natten2dqkrpb(t["q"], t["k"], t["rpb"], dilation)

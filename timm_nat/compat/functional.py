@@ -337,7 +337,7 @@ def _refuse_extensions(extra, is_causal, extra_name):
 
 
 def _legacy_kernel_args(tensor_for_kernel: torch.Tensor, kernel_size, dilation, from_rpb: bool):
-    """Pre-0.14 NATTEN calls omitted ``kernel_size`` (``natten2dqkrpb(q, k, rpb, dilation)``): the
+    """NATTEN <= 0.14.4 calls omitted ``kernel_size`` (``natten2dqkrpb(q, k, rpb, dilation)``): the
     kernel then comes from the rpb table (2K-1 wide) or the weights (K*K entries)."""
     if dilation is not None:
         return kernel_size, dilation
@@ -355,7 +355,7 @@ def natten2dqkrpb(query: torch.Tensor, key: torch.Tensor, rpb: Optional[torch.Te
     """``natten.functional.natten2dqkrpb`` (NATTEN <= 0.17.4): logits ``query . key + rpb``.
 
     ``query`` and ``key`` are ``[batch, heads, height, width, dim]``; the query is not scaled here.
-    ``rpb`` is ``[heads, 2*kh-1, 2*kw-1]`` or None. The pre-0.14 form
+    ``rpb`` is ``[heads, 2*kh-1, 2*kw-1]`` or None. The NATTEN <= 0.14.4 form
     ``natten2dqkrpb(query, key, rpb, dilation)`` (kernel from the rpb shape) is accepted too.
     Returns ``[batch, heads, height, width, kh*kw]``.
     """
@@ -375,7 +375,7 @@ def natten2dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrPair,
     """``natten.functional.natten2dav`` (NATTEN <= 0.17.4): weighted sum of neighbour values.
 
     ``attn`` ``[batch, heads, height, width, kh*kw]``, ``value`` ``[batch, heads, height, width, dim]``.
-    The pre-0.14 form ``natten2dav(attn, value, dilation)`` (square kernel from ``attn``) is accepted too.
+    The NATTEN <= 0.14.4 form ``natten2dav(attn, value, dilation)`` (square kernel from ``attn``) is accepted too.
     """
     kernel_size, dilation = _legacy_kernel_args(attn, kernel_size, dilation, from_rpb=False)
     return na2d_av(attn, value, kernel_size, dilation)
@@ -433,7 +433,7 @@ def na1d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size, dilation=1, ad
 
 def natten1dqkrpb(query: torch.Tensor, key: torch.Tensor, rpb: Optional[torch.Tensor], kernel_size: int,
                   dilation: Optional[int] = None) -> torch.Tensor:
-    """``natten.functional.natten1dqkrpb`` (NATTEN <= 0.17.4); also the pre-0.14 ``(query, key, rpb, dilation)``."""
+    """``natten.functional.natten1dqkrpb`` (NATTEN <= 0.17.4); also NATTEN <= 0.14.4's ``(query, key, rpb, dilation)``."""
     if dilation is None and rpb is None:
         raise TypeError("natten1dqkrpb needs kernel_size and dilation when rpb is None")
     kernel_size, dilation = _legacy_kernel_args(rpb, kernel_size, dilation, from_rpb=True)
@@ -446,7 +446,7 @@ def natten1dqk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilatio
 
 
 def natten1dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: Optional[int] = None) -> torch.Tensor:
-    """``natten.functional.natten1dav`` (NATTEN <= 0.17.4); also the pre-0.14 ``(attn, value, dilation)``."""
+    """``natten.functional.natten1dav`` (NATTEN <= 0.17.4); also NATTEN <= 0.14.4's ``(attn, value, dilation)``."""
     if dilation is None:
         kernel_size, dilation = attn.shape[-1], kernel_size
     return na1d_av(attn, value, kernel_size, dilation)
