@@ -1,6 +1,7 @@
 """Speed and memory of the na2d backends against NATTEN's own na2d (no RPB), one table, one run.
 
     .venv/bin/python tools/benchmark_attention.py [--device cpu|cuda] [--repeats N] [--quick]
+    .venv/bin/python tools/benchmark_attention.py --legacy   # legacy NATTEN API path, see LEGACY_SHAPES
 
 Shapes are NAT-Mini's attention layers (head dim 32, kernel 7): stage 1 (batch 8, 56x56,
 2 heads) with dilation 1 and 8 (DiNAT), down to stage 4 (7x7, 16 heads), plus detection-size
@@ -97,6 +98,138 @@ def _run_cell(shape, backend, mode, device, repeats, timeout):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --legacy: the legacy NATTEN API (timm_nat.compat) at NAT-Mini's stage shapes, against natten-mps'
+# pure-PyTorch legacy shim (optional: `pip install natten-mps`; its rows are skipped when absent).
+# Inputs in the legacy layout [batch, heads, H, W, head_dim]; all with RPB, kernel 7, dilation 1.
+LEGACY_SHAPES = {  # name: (batch, height, width, heads)
+    "stage1": (8, 56, 56, 2),
+    "stage2": (8, 28, 28, 4),
+    "stage3": (8, 14, 14, 8),
+    "stage4": (8, 7, 7, 16),
+}
+LEGACY_IMPLS = {
+    "compat": "timm_nat.compat natten2dqkrpb -> softmax -> natten2dav",
+    "compat-fused": "timm_nat na2d (what compat.NeighborhoodAttention2D runs without attention dropout)",
+    "natten-mps": "natten_mps.compat.v014 natten2dqkrpb -> softmax -> natten2dav",
+}
+
+
+def _legacy_attention(impl: str):
+    """attention(q, k, v, rpb) in the legacy layout for one of LEGACY_IMPLS (ImportError if absent)."""
+    if impl == "compat-fused":
+        from timm_nat.attention import na2d
+
+        def fused(q, k, v, rpb):
+            q, k, v = (t.permute(0, 2, 3, 1, 4) for t in (q, k, v))
+            return na2d(q, k, v, KERNEL, 1, rpb=rpb).permute(0, 3, 1, 2, 4)
+        return fused
+    if impl == "compat":
+        from timm_nat.compat import natten2dav, natten2dqkrpb
+    else:
+        from natten_mps.compat.v014 import natten2dav, natten2dqkrpb
+
+    def unfused(q, k, v, rpb):
+        attn = natten2dqkrpb(q * HEAD_DIM ** -0.5, k, rpb, KERNEL, 1).softmax(dim=-1)
+        return natten2dav(attn, v, KERNEL, 1)
+    return unfused
+
+
+def measure_legacy(shape: str, impl: str, mode: str, repeats: int, threads: int = 0) -> dict:
+    """One legacy cell on CPU, in this process: median time, peak extra memory, and max abs
+    difference of the output from timm_nat's reference backend."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    from timm_nat.attention.reference import na2d_reference
+    from timm_nat.benchmark import peak_tensor_bytes
+
+    attention = _legacy_attention(impl)
+    batch, height, width, heads = LEGACY_SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    train = mode == "fwd+bwd"
+    q, k, v = (torch.randn(batch, heads, height, width, HEAD_DIM, generator=gen, requires_grad=train) for _ in range(3))
+    rpb = torch.randn(heads, 2 * KERNEL - 1, 2 * KERNEL - 1, generator=gen, requires_grad=train)
+    grad = torch.randn_like(q)
+
+    def call():
+        with torch.set_grad_enabled(train):
+            out = attention(q, k, v, rpb)
+            if train:
+                out.backward(grad)
+        return out
+
+    with torch.no_grad():
+        expected = na2d_reference(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), (KERNEL, KERNEL), (1, 1), rpb,
+                                  HEAD_DIM ** -0.5).permute(0, 3, 1, 2, 4)
+    err = (call().detach() - expected).abs().max().item()
+    peak = peak_tensor_bytes(call, "cpu")
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        call()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return dict(ms=statistics.median(times) * 1e3, cpu_ms=statistics.median(cpu_times) * 1e3, peak_mb=peak / 2**20,
+                max_err=err)
+
+
+def _run_legacy_cell(shape, impl, mode, repeats, timeout, threads):
+    cmd = [sys.executable, __file__, "--legacy-cell", shape, impl, mode, "--repeats", str(repeats),
+           "--threads", str(threads)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"over {timeout}s")
+    if done.returncode != 0:
+        lines = (done.stderr.strip().splitlines() or ["?"])
+        return dict(error=lines[-1][:60])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def legacy_main(repeats: int, timeout: int, threads: int) -> int:
+    """The --legacy table: every LEGACY_IMPLS row at every LEGACY_SHAPES shape, fwd and fwd+bwd."""
+    import importlib.util
+
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    has_mps = importlib.util.find_spec("natten_mps") is not None
+    print(f"legacy NATTEN API benchmark: cpu, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+          f"head_dim {HEAD_DIM}, kernel {KERNEL}, dilation 1, with RPB; layout [B, heads, H, W, D]")
+    for impl, what in LEGACY_IMPLS.items():
+        print(f"  {impl:<13} {what}")
+    if not has_mps:
+        print("  (natten-mps is not installed: its rows are skipped; pip install natten-mps to include them)")
+    print("  wall: median wall-clock ms; cpu: median process CPU ms (steadier on a shared machine, equal to the\n"
+          "  work with --threads 1); x mps: natten-mps' cpu ms over this row's")
+    header = (f"{'shape':<8} {'B,H,W,heads':<13} {'impl':<13} {'fwd wall':>9} {'fwd cpu':>8} {'f+b wall':>9} "
+              f"{'f+b cpu':>8} {'f+b peak MB':>12} {'max err':>8} {'fwd x mps':>10} {'f+b x mps':>10}")
+    print(header)
+    print("-" * len(header))
+    for shape in LEGACY_SHAPES:
+        cells = {}
+        for impl in LEGACY_IMPLS:
+            if impl == "natten-mps" and not has_mps:
+                continue
+            cells[impl] = {mode: _run_legacy_cell(shape, impl, mode, repeats, timeout, threads)
+                           for mode in ("fwd", "fwd+bwd")}
+        for impl, cell in cells.items():
+            def fmt(mode, key, width, digits=1):
+                value = cell[mode].get(key)
+                return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+            def ratio(mode):
+                base, ours = cells.get("natten-mps", {}).get(mode, {}).get("cpu_ms"), cell[mode].get("cpu_ms")
+                return f"{base / ours:.1f}x" if base and ours else "-"
+            err = cell["fwd"].get("max_err")
+            note = "; ".join(sorted({c["error"] for c in cell.values() if c.get("error")}))
+            print(f"{shape:<8} {','.join(map(str, LEGACY_SHAPES[shape])):<13} {impl:<13} {fmt('fwd', 'ms', 9)} "
+                  f"{fmt('fwd', 'cpu_ms', 8)} {fmt('fwd+bwd', 'ms', 9)} {fmt('fwd+bwd', 'cpu_ms', 8)} "
+                  f"{fmt('fwd+bwd', 'peak_mb', 12)} {(f'{err:.1e}' if err is not None else '-'):>8} "
+                  f"{ratio('fwd'):>10} {ratio('fwd+bwd'):>10}  {note}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -104,7 +237,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="stage 1 and detection shapes only")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--legacy", action="store_true",
+                        help="the legacy NATTEN API (timm_nat.compat) vs natten-mps at NAT-Mini stage shapes (CPU)")
+    parser.add_argument("--legacy-cell", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="--legacy: torch threads (0: torch's default; 1 is steadier on a loaded machine)")
     args = parser.parse_args(argv)
+    if args.legacy_cell:
+        print(json.dumps(measure_legacy(*args.legacy_cell, args.repeats, args.threads)))
+        return 0
+    if args.legacy:
+        return legacy_main(args.repeats, args.timeout, args.threads)
     if args.cell:
         print(json.dumps(measure(*args.cell, args.device, args.repeats)))
         return 0
