@@ -66,15 +66,19 @@ def _hierarchical_kwargs(state_dict: StateDict, stem_ok: Callable[[StateDict], b
     stages = _blocks(state_dict, r'stages\.(\d+)\.blocks\.(\d+)\.(.+)')
     if not stages or sorted(stages) != list(range(len(stages))) or not stem_ok(state_dict):
         return None
-    rpbs = [_any(stages[i], 'attn.rpb') for i in sorted(stages)]
+    rpbs = {i: r for i in sorted(stages) if (r := _any(stages[i], 'attn.rpb')) is not None}
     dim, fc1 = _any(stages[0], 'norm1.weight'), _any(stages[0], 'mlp.fc1.weight')
-    if dim is None or fc1 is None or any(r is None for r in rpbs):
+    if dim is None or fc1 is None or not rpbs:
         return None
+    # heads double per stage in every published size: a stage whose RPB is missing altogether
+    # follows that rule, so the strict check names the missing key instead of every key
+    known, rpb = next(iter(rpbs.items()))
     kwargs = dict(
         embed_dim=dim.shape[0],
         depths=tuple(max(stages[i]) + 1 for i in sorted(stages)),
-        num_heads=tuple(r.shape[0] for r in rpbs),
-        kernel_size=(rpbs[0].shape[-1] + 1) // 2,  # rpb is [heads, 2k-1, 2k-1]
+        num_heads=tuple(rpbs[i].shape[0] if i in rpbs else max(1, int(rpb.shape[0] * 2.0 ** (i - known)))
+                        for i in sorted(stages)),
+        kernel_size=(rpb.shape[-1] + 1) // 2,  # rpb is [heads, 2k-1, 2k-1]
         mlp_ratio=fc1.shape[0] / dim.shape[0],
     )
     if _any(stages[0], 'ls1.gamma') is not None:
