@@ -186,6 +186,8 @@ def resolve_source(spec: str, downloader: Optional[Downloader] = None) -> Source
     try:
         return _hub_source(spec, downloader)
     except DownloadError as err:
+        if registry_entry(lambda e: e.get('hf_hub_id') == spec):
+            raise
         raise DownloadError(f"{err} (no local file or folder {spec} exists either)") from err
 
 
