@@ -270,7 +270,11 @@ def _shape_kwargs(state_dict: StateDict, arch: Optional[str] = None) -> Tuple[Op
     """Kwargs read from the timm names of the first family (or ``arch``'s) whose layout this is."""
     families = [family_of(arch)] if arch else FAMILIES.values()
     for family in families:
-        if kwargs := family.infer(family.remap(dict(state_dict)), arch):
+        try:
+            remapped = family.remap(dict(state_dict))
+        except (RuntimeError, KeyError, ValueError):  # e.g. incomplete query/key/value: the strict check says so
+            continue
+        if kwargs := family.infer(remapped, arch):
             return family, kwargs
     return None, {}
 

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from .errors import ConversionError, log
 
-__all__ = ['MANIFEST_NAME', 'PROG', 'check_no_overlap', 'check_output', 'is_converter_folder', 'staged_output']
+__all__ = ['MANIFEST_NAME', 'PROG', 'check_no_overlap', 'check_output', 'clean_stale', 'read_manifest',
+           'staged_output', 'write_manifest']
 
 PROG = 'timm-nat-convert'
 MANIFEST_NAME = 'timm-nat-convert.json'
@@ -33,14 +34,6 @@ def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:
     if not isinstance(manifest, dict) or manifest.get('written_by') != PROG or not isinstance(manifest.get('files'), list):
         return None
     return manifest
-
-
-def is_converter_folder(folder: Path) -> bool:
-    """True if ``folder`` holds the converter's manifest and only the files it lists."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return False
-    return all(p.name in manifest['files'] or p.name == MANIFEST_NAME for p in folder.iterdir())
 
 
 def write_manifest(folder: Path, files: Sequence[str], **facts: Any) -> None:
