@@ -175,3 +175,13 @@ def test_card_of_a_downloaded_file_says_published_for_its_source(golden, tmp_pat
     card = (out / "README.md").read_text()
     assert f"**Published for `{entry['url']}`:** ImageNet-1k top-1 {entry['top1']}%" in card
     assert f"SHA-256 `{sources.file_sha256(offline / 'nat_mini.pth')}`" in card and "license: mit" in card
+
+
+def test_downloaded_file_of_other_sizes_claims_nothing(golden, tmp_path, capsys, offline):
+    entry = ENTRIES["nat_mini.in1k"]
+    offline.mkdir(parents=True)
+    (offline / "nat_mini.pth").symlink_to(golden / "orig" / "nat_test_tiny.pth")  # in the cache, not NAT-Mini
+    out = tmp_path / "converted"
+    assert main([entry["url"], "-o", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "top-1" not in card and "not as the published nat_mini, so no published numbers are claimed" in card

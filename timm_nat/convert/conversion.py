@@ -150,10 +150,10 @@ def convert(
     arch = infer_architecture(state_dict, model=model, model_args=model_args, config=source.config, entry=source.entry)
     log(f"{source.name}: {arch.describe()}")
     prov = provenance(source, file_sha256(source.weights), source.weights.stat().st_size)
-    if prov.published and arch.entry is None:  # --model chose another architecture than the published one
+    if prov.published and (arch.entry is None or arch.model_args):  # not the published architecture
         prov = dataclasses.replace(prov, published=None, note=prov.note + (
-            f"; converted as {arch.model}, not as the published {prov.published['model']}, so no published "
-            "numbers are claimed"))
+            f"; but it converts as {arch.describe()}, not as the published {prov.published['model']}, "
+            "so no published numbers are claimed"))
     reference = _reference_model(state_dict, arch, prov.published)
     num_params = sum(p.numel() for p in reference.parameters())
     with staged_output(output_dir, log, source=source.name, source_sha256=prov.sha256) as staging:
