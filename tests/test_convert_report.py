@@ -17,17 +17,15 @@ from timm_nat.convert import DownloadError, Downloader, Source, main
 from timm_nat.convert.card import provenance
 from timm_nat.pretrained import load_registry, registry_entry_name
 
+from test_convert import offline_caches  # noqa: F401 (a fixture)
+
 ENTRIES = {registry_entry_name(e): e for e in load_registry()}
 
 
 @pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """HF_HUB_OFFLINE with empty Hub and torch hub caches of our own; returns the torch checkpoint cache."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    return tmp_path / "torch-home" / "hub" / "checkpoints"
+def offline(offline_caches):
+    """Offline, with empty caches of our own; returns the torch hub checkpoint cache."""
+    return offline_caches[1]
 
 
 def _registry_with(monkeypatch, name: str, **changes) -> dict:

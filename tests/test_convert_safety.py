@@ -19,15 +19,7 @@ import timm_nat.convert.output as output
 from timm_nat.convert import FAMILIES, main
 from timm_nat.models import dinat_s, isotropic, nat
 
-OUTPUT_FILES = {"model.safetensors", "config.json", "README.md", "timm-nat-convert.json"}
-
-
-def _fail(argv, capsys) -> str:
-    """Run main(argv), expecting exit 1 with one ``error:`` line on stderr; returns that line."""
-    assert main([str(a) for a in argv]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("timm-nat-convert: error: "), err
-    return err
+from test_convert import OUTPUT_FILES, _fail, offline_caches  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -262,10 +254,7 @@ def test_missing_local_file_says_it_does_not_exist(tmp_path, capsys, monkeypatch
     assert "no such file or folder: ./weights/model (the file does not exist" in err and "download" not in err
 
 
-def test_missing_path_shaped_like_a_repo_id_says_both(tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+def test_missing_path_shaped_like_a_repo_id_says_both(tmp_path, capsys, monkeypatch, offline_caches):
     monkeypatch.chdir(tmp_path)
     err = _fail(["weights/model", "-o", "out"], capsys)
     assert "could not download weights/model: offline" in err and "no local file or folder weights/model" in err
