@@ -4,7 +4,6 @@ offline; model cards claim published numbers only for the published file.
 import json
 import shlex
 import socket
-from pathlib import Path
 
 import huggingface_hub.constants
 import huggingface_hub.errors
