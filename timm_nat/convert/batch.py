@@ -196,9 +196,7 @@ def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: O
         lines += ['', '## To finish the job', '', 'With network (downloads, then converts and verifies):', '',
                   '```', f"{PROG} --all --output-dir {shlex.quote(str(output_dir))} --only {names}", '```', '',
                   'With the published files at hand (one command each; the model card then quotes no '
-                  'published numbers, since nothing proves the file is the published one; copying a `.pth` '
-                  'into the torch hub cache, `$TORCH_HOME/hub/checkpoints/`, and rerunning the command above '
-                  'treats it as downloaded):', '', '```']
+                  'published numbers, since nothing proves the file is the published one):', '', '```']
         lines += [r.commands['file'] for r in unfinished] + ['```']
     errors = [r for r in rows if r.error]
     if errors:
