@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import timm_nat.convert as convert
+import timm_nat.convert.batch
+import timm_nat.convert.conversion
 from timm_nat.convert import ConversionError, infer_architecture, main
 from timm_nat.pretrained import load_registry, registry_entry_name
 
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # golden README: ~1e-6 expected in fp32, above 1e-4 is a bug
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id
 # golden README: dinat_test_tiny and dinat_s_test_tiny both use these dilations (not in an original .pth)
+OUTPUT_FILES = {"model.safetensors", "config.json", "README.md", "timm-nat-convert.json"}
 TINY_DILATIONS = json.dumps({"dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]})
 
 # golden source -> (extra command-line arguments, golden outputs, architecture it must become)
@@ -118,7 +121,7 @@ def test_converted_golden_checkpoint_reproduces_golden_logits(golden, tmp_path, 
     out = tmp_path / "converted"
     assert main([str(golden / case), "-o", str(out), *args]) == 0
     assert "verified: max abs diff 0.0 via pretrained_cfg_overlay file, 0.0 via local-dir" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
 
     config, models = _load_both_ways(out)
     assert config["architecture"] == arch and config["num_classes"] == 10
@@ -191,12 +194,13 @@ def test_push_to_hub_uploads_the_folder(golden, tmp_path, monkeypatch, capsys):
         def upload_folder(self, **kwargs):
             calls.append(("upload_folder", sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()), kwargs))
 
-    monkeypatch.setattr(convert, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(timm_nat.convert.conversion, "HfApi", RecordingHfApi)
     out = tmp_path / "converted"
     assert main([str(golden / "hf" / "nat_test_tiny"), "-o", str(out), "--push-to-hub", "me/nat-test-tiny"]) == 0
     (create, repo_id, create_kwargs), (upload, files, upload_kwargs) = calls
     assert (create, repo_id, create_kwargs["exist_ok"]) == ("create_repo", "me/nat-test-tiny", True)
-    assert upload == "upload_folder" and files == ["README.md", "config.json", "model.safetensors"]
+    assert upload == "upload_folder" and upload_kwargs["ignore_patterns"] == ["timm-nat-convert.json"]
+    assert files == ["README.md", "config.json", "model.safetensors", "timm-nat-convert.json"]
     assert upload_kwargs["repo_id"] == "me/nat-test-tiny" and Path(upload_kwargs["folder_path"]) == out
     assert 'timm.create_model("hf-hub:me/nat-test-tiny", pretrained=True)' in (out / "README.md").read_text()
     assert "pushed" in capsys.readouterr().out
@@ -207,7 +211,7 @@ def test_push_to_hub_failure_is_reported(golden, tmp_path, monkeypatch, capsys):
         def create_repo(self, repo_id, **kwargs):
             raise OSError("network unreachable")
 
-    monkeypatch.setattr(convert, "HfApi", OfflineHfApi)
+    monkeypatch.setattr(timm_nat.convert.conversion, "HfApi", OfflineHfApi)
     err = _fail([golden / "hf" / "nat_test_tiny", "-o", tmp_path / "out", "--push-to-hub", "me/x"], capsys)
     assert "could not push" in err and "me/x" in err and "network unreachable" in err
 
@@ -247,15 +251,24 @@ def test_corrupt_file_is_refused(tmp_path, capsys, damage):
 def test_existing_output_needs_force(golden, tmp_path, capsys):
     source, out = golden / "hf" / "nat_test_tiny", tmp_path / "converted"
     assert main([str(source), "-o", str(out)]) == 0
-    (out / "stale.txt").write_text("from an earlier run")
+    first = (out / "model.safetensors").stat().st_ino
     err = _fail([source, "-o", out], capsys)
     assert "already exists" in err and "--force" in err
-    assert (out / "stale.txt").is_file()  # untouched
+    assert (out / "model.safetensors").stat().st_ino == first  # untouched
 
     assert main([str(source), "-o", str(out), "--force"]) == 0
-    assert not (out / "stale.txt").exists()
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
-    assert not list(tmp_path.glob(".converted.partial-*"))  # no staging left behind
+    assert (out / "model.safetensors").stat().st_ino != first  # replaced
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no partial / old folder left behind
+
+
+def test_force_keeps_files_the_converter_did_not_write(golden, tmp_path, capsys):
+    source, out = golden / "hf" / "nat_test_tiny", tmp_path / "converted"
+    assert main([str(source), "-o", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    err = _fail([source, "-o", out, "--force"], capsys)
+    assert "holds files timm-nat-convert did not write (notes.txt)" in err
+    assert (out / "notes.txt").read_text() == "mine" and {p.name for p in out.iterdir()} == OUTPUT_FILES | {"notes.txt"}
 
 
 def test_force_never_deletes_a_folder_that_is_not_an_output(golden, tmp_path, capsys):
@@ -365,17 +378,19 @@ def test_all_offline_reports_failed_downloads_and_checks_offline(tmp_path, capsy
     assert status == 3, out
     assert f"could not download {hub_entry['hf_hub_id']}: offline" in out
     assert f"could not download {url_entry['url']}: offline" in out
-    assert out.count("offline checks: params yes") == 2 and out.count("forward 1x3x64x64 -> (1, 1000) ok") == 2
+    assert out.count("offline checks: params yes") == 2 and out.count("forward 1x3x224x224 -> (1, 1000) ok") == 2
     summary = out[out.index("entry  "):]
     assert "nat_mini.in1k" in summary and "dinat_s_tiny.in1k" in summary and summary.count("offline-checked") == 2
     assert "2 entries: 0 converted and verified, 2 checked offline only (downloads failed), 0 wrong" in out
-    assert not (tmp_path / "out").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [e["entry"] for e in report["entries"]] == ["nat_mini.in1k", "dinat_s_tiny.in1k"]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # nothing converted
 
 
 def test_all_flags_a_parameter_count_that_disagrees_with_the_registry(tmp_path, capsys, offline_caches, monkeypatch):
     wrong = [dict(e, params_m=2 * e["params_m"]) if registry_entry_name(e) == "nat_mini.in1k" else e
              for e in load_registry()]
-    monkeypatch.setattr(convert, "load_registry", lambda: tuple(wrong))
+    monkeypatch.setattr(timm_nat.convert.batch, "load_registry", lambda: tuple(wrong))
     assert main(["--all", "--output-dir", str(tmp_path / "out"), "--only", "nat_mini.in1k"]) == 1
     out = capsys.readouterr().out
     assert "params NO 19.98M != 40M published" in out and "FAILED" in out and "1 wrong" in out

@@ -1,4 +1,4 @@
-"""Checkpoint converter; see ``timm_nat/convert.py`` (also ``timm-nat-convert``)."""
+"""Checkpoint converter; see the ``timm_nat.convert`` package (also ``timm-nat-convert``)."""
 import sys
 
 from timm_nat.convert import main
