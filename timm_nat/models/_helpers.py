@@ -1,11 +1,13 @@
 """Helpers shared by the model families: building with a helpful download error, checkpoint
 unwrapping and the strict key/shape check of remapped checkpoints."""
-from typing import Any, Dict, Type
+from typing import Any, Dict, Tuple, Type
 
 import torch
 import torch.nn as nn
 from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
+from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
 
+from .._offline import cached_hub_file, hub_unreachable_reason
 from ..pretrained import weights_unavailable_error
 
 __all__ = ['build_model_or_explain', 'check_state_dict_fits', 'unwrap_state_dict']
@@ -22,19 +24,46 @@ def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_model_or_explain(model_cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
-    """``build_model_with_cfg``, turning weight download / file errors into one that says how to fix them."""
+    """``build_model_with_cfg``, turning weight download / file errors into one that says how to fix them.
+
+    Without network (the Hub's name does not resolve) Hub weights come straight from the local
+    Hub cache, or the error is raised at once instead of after huggingface_hub's retries.
+    """
+    if pretrained:
+        kwargs = _offline_hub_weights_as_file(variant, kwargs)
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except OSError as err:  # download, Hub cache and file access failures are all OSError subclasses
         if not pretrained:
             raise
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get('pretrained_cfg'),
-            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
-        ).to_dict()
-        name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
+        name, cfg = _resolved_cfg(variant, kwargs)
         raise weights_unavailable_error(name, cfg, err) from err
+
+
+def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """(``arch.tag``, pretrained cfg dict) that ``build_model_with_cfg`` will use."""
+    cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'),
+    ).to_dict()
+    return (f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant), cfg
+
+
+def _offline_hub_weights_as_file(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` unchanged unless the weights come from an unreachable Hub: then the cached
+    file as ``pretrained_cfg_overlay['file']``, or raise the explanation now."""
+    name, cfg = _resolved_cfg(variant, kwargs)
+    # what timm would fetch from the Hub (``hf-hub:`` names are timm's own path, left alone)
+    from_hub = cfg.get('hf_hub_id') and not (cfg.get('file') or cfg.get('state_dict') or cfg.get('source'))
+    reason = hub_unreachable_reason() if from_hub else None
+    if reason is None:
+        return kwargs
+    filename = cfg.get('hf_hub_filename') or HF_WEIGHTS_NAME
+    cached = cached_hub_file(cfg['hf_hub_id'], [*_get_safe_alternatives(filename), filename])  # timm's order
+    if cached is None:
+        raise weights_unavailable_error(name, cfg, ConnectionError(f"no network, {reason}; not in the local Hub cache either"))
+    return {**kwargs, 'pretrained_cfg_overlay': {**(kwargs.get('pretrained_cfg_overlay') or {}), 'file': cached}}
 
 
 def check_state_dict_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
