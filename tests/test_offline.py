@@ -74,6 +74,7 @@ def test_hub_offline_mode_message_and_no_lookup(no_network, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     message, seconds = _offline_error()
     assert seconds < FAST_S
+    assert "offline mode (HF_HUB_OFFLINE is set); not in the local Hub cache either" in message
     assert "HF_HUB_OFFLINE is set, so only the local Hub cache was searched" in message
     assert "set HF_HUB_OFFLINE=1" not in message  # already set
     assert no_network == []  # the user said offline: nothing to probe

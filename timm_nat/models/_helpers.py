@@ -7,7 +7,7 @@ import torch.nn as nn
 from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
 
-from .._offline import cached_hub_file, hub_unreachable_reason
+from .._offline import cached_hub_file, hub_offline_mode, hub_unreachable_reason
 from ..pretrained import weights_unavailable_error
 
 __all__ = ['build_model_or_explain', 'check_state_dict_fits', 'unwrap_state_dict']
@@ -26,8 +26,9 @@ def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
 def build_model_or_explain(model_cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
     """``build_model_with_cfg``, turning weight download / file errors into one that says how to fix them.
 
-    Without network (the Hub's name does not resolve) Hub weights come straight from the local
-    Hub cache, or the error is raised at once instead of after huggingface_hub's retries.
+    Offline (the Hub's name does not resolve, or ``HF_HUB_OFFLINE``) Hub weights come straight
+    from the local Hub cache, or the error is raised at once, before the model is built and
+    without huggingface_hub's retries.
     """
     if pretrained:
         kwargs = _offline_hub_weights_as_file(variant, kwargs)
@@ -51,18 +52,26 @@ def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Tuple[str, Dict[str, 
 
 
 def _offline_hub_weights_as_file(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """``kwargs`` unchanged unless the weights come from an unreachable Hub: then the cached
-    file as ``pretrained_cfg_overlay['file']``, or raise the explanation now."""
+    """``kwargs`` unchanged unless the weights come from a Hub out of reach (no network, or
+    ``HF_HUB_OFFLINE``): then a file missing from the local Hub cache raises the explanation
+    now, before the model is built, and without network a cached file is passed as
+    ``pretrained_cfg_overlay['file']`` (huggingface_hub would first retry the network)."""
     name, cfg = _resolved_cfg(variant, kwargs)
     # what timm would fetch from the Hub (``hf-hub:`` names are timm's own path, left alone)
     from_hub = cfg.get('hf_hub_id') and not (cfg.get('file') or cfg.get('state_dict') or cfg.get('source'))
-    reason = hub_unreachable_reason() if from_hub else None
-    if reason is None:
+    if not from_hub:
+        return kwargs
+    offline_mode = hub_offline_mode()
+    reason = None if offline_mode else hub_unreachable_reason()
+    if not (offline_mode or reason):
         return kwargs
     filename = cfg.get('hf_hub_filename') or HF_WEIGHTS_NAME
     cached = cached_hub_file(cfg['hf_hub_id'], [*_get_safe_alternatives(filename), filename])  # timm's order
     if cached is None:
-        raise weights_unavailable_error(name, cfg, ConnectionError(f"no network, {reason}; not in the local Hub cache either"))
+        why = "offline mode (HF_HUB_OFFLINE is set)" if offline_mode else f"no network, {reason}"
+        raise weights_unavailable_error(name, cfg, ConnectionError(f"{why}; not in the local Hub cache either"))
+    if offline_mode:
+        return kwargs  # huggingface_hub reads its cache directly
     return {**kwargs, 'pretrained_cfg_overlay': {**(kwargs.get('pretrained_cfg_overlay') or {}), 'file': cached}}
 
 
