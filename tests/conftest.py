@@ -1,17 +1,17 @@
-"""Shared fixtures: the golden reference data (read in place from ../shared/golden, never copied)."""
+"""Shared fixtures: the golden reference data (tests/golden, see its README)."""
 import json
 from pathlib import Path
 
 import pytest
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
     """Root of the golden reference data; fails (never skips) when it is missing."""
     if not (GOLDEN_DIR / "README.md").is_file():
-        pytest.fail(f"golden reference data not found at {GOLDEN_DIR} (expected ../shared/golden beside the repo)")
+        pytest.fail(f"golden reference data not found at {GOLDEN_DIR} (part of the repository: is the checkout complete?)")
     return GOLDEN_DIR
 
 
