@@ -10,6 +10,7 @@ import huggingface_hub.errors
 import pytest
 import torch
 
+import timm_nat._offline as _offline
 import timm_nat.convert.batch as batch
 import timm_nat.convert.sources as sources
 from timm_nat.convert import DownloadError, Downloader, Source, main
@@ -119,12 +120,14 @@ def test_downloader_detects_offline_once_by_name_resolution(tmp_path, monkeypatc
     monkeypatch.setattr(sources, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(sources.torch.hub, "download_url_to_file", no_network)
     messages = []
+    _offline._lookup_failure.cache_clear()  # the look-up is once per process: start afresh
     downloader = Downloader(log=messages.append)
     for _ in range(3):
-        with pytest.raises(DownloadError, match="could not download org/repo: offline .cannot resolve"):
+        with pytest.raises(DownloadError, match="could not download org/repo: offline .huggingface.co does not resolve"):
             downloader.hub_file("org/repo", "pytorch_model.bin")
         with pytest.raises(DownloadError, match="could not download https://example.com/w.pth: offline"):
             downloader.url_file("https://example.com/w.pth")
+    _offline._lookup_failure.cache_clear()  # and leave no patched answer behind
     assert resolved == ["huggingface.co"] and hub_calls == [True, True, True]
     assert len(messages) == 1 and "no download is attempted" in messages[0]
 

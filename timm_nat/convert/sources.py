@@ -11,17 +11,16 @@ import json
 import re
 import socket
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download, is_offline_mode
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from timm.models import load_state_dict
 
+from .._offline import hub_offline_mode, hub_unreachable_reason
 from ..pretrained import load_registry
 from .errors import ConversionError, DownloadError, log, one_line
 
@@ -100,14 +99,10 @@ class Downloader:
         """Why no network attempt is made (checked once, on first call), or None when online."""
         if not self._checked:
             self._checked = True
-            host = urlparse(hf_constants.ENDPOINT).hostname or 'huggingface.co'
-            if is_offline_mode():
+            if hub_offline_mode():
                 self._offline = 'offline (HF_HUB_OFFLINE is set)'
-            elif not urllib.request.getproxies():
-                try:
-                    socket.getaddrinfo(host, 443)
-                except OSError as err:  # socket.gaierror: no resolver, no network
-                    self._offline = f"offline (cannot resolve {host}: {one_line(err, 100)})"
+            elif reason := hub_unreachable_reason():  # one timed name look-up per process
+                self._offline = f"offline ({reason})"
             if self._offline:
                 self.log(f"{self._offline}: using the Hub and torch hub caches only, no download is attempted")
         return self._offline
