@@ -71,7 +71,7 @@ def _fused_why_not(query: QueryOrDevice, needs_grad: bool, importable: bool, pac
     if device.type not in ("cpu", "cuda"):
         return f"cannot run on {device}"
     if not importable:
-        return f"needs {package}, which is not importable"
+        return f"needs {package}, which is not installed"
     if device.type == "cpu" and needs_grad:
         return "cannot run on cpu with autograd (torch has no CPU flex backward)"
     if _is_empty(query):  # compiled CPU flex dies on a zero-size launch; NATTEN divides by zero
@@ -98,7 +98,7 @@ class NattenBackend(Backend):
     def why_not(self, query, has_rpb, needs_grad):
         if has_rpb:
             return "has no relative positional bias; use 'flex', 'tiled' or 'reference'"
-        return _fused_why_not(query, needs_grad, natten_importable(), "natten")
+        return _fused_why_not(query, needs_grad, natten_importable(), "NATTEN (pip install 'timm-nat[natten]')")
 
     def run(self, query, key, value, kernel_size, dilation, rpb, scale):
         if query.device.type == "cpu":  # NATTEN's CPU path attends to dense blocks: see exact_where_nonfinite
@@ -116,12 +116,12 @@ class NattenBackend(Backend):
 
 
 def natten_importable() -> bool:
-    """Whether NATTEN can be imported (it is optional)."""
+    """Whether NATTEN can be imported (it is optional; timm_nat.compat's stand-in does not count)."""
     try:
-        import natten  # noqa: F401
+        import natten
     except ImportError:
         return False
-    return True
+    return not getattr(natten, "__timm_nat_shim__", False)
 
 
 def flex_importable() -> bool:
