@@ -1,68 +1,225 @@
 """Neighborhood attention with RPB on ``torch.nn.attention.flex_attention``.
 
-The neighbourhood is a block-sparse mask over the flattened map, the RPB a ``score_mod``.
-Compiled (fused) kernels on CUDA; on CPU flex compiles to C++ too, which is how CI checks
-this backend. Masks are cached per (map size, kernel, dilation, device).
+The neighbourhood is a block-sparse mask, the RPB a ``score_mod``. Compiled (fused) kernels on
+CUDA; on CPU flex compiles to C++ too (inference only), which is how CI checks this backend.
+
+Token order: flex sees the map's tokens permuted so that its 128-token blocks are compact. Each
+dilation group (positions with equal ``(row % dh, col % dw)``) is contiguous, since dilated NA is
+plain NA on each group (see :mod:`.windows`); inside a group tokens run down vertical strips
+``STRIP_WIDTH`` sub-grid columns wide, so a block is an 8 x 16 tile of the group instead of a
+slice of a raster row. The order changes nothing in the result, only which blocks are empty.
+
+Per (map size, kernel, dilation, device) a :class:`FlexPlan` holds that permutation, the
+coordinate tables the mask and score mods read, and the block mask, built from each query's
+``kh * kw`` neighbours: ``O(tokens * kh * kw)`` memory, never the ``tokens x tokens`` mask that
+``create_block_mask`` evaluates without ``_compile=True``.
+
+Compilation: one ``torch.compile(fullgraph=True)`` callable per (plan, dtype, RPB or not), each
+with its own dynamo cache (so layers of other sizes never count against its recompile limit); a
+second batch size makes the batch dimension dynamic (one recompile), and a callable that still
+hits the limit raises instead of silently running flex uncompiled. A new map size (detection at
+varying image sizes) builds a new plan (milliseconds) and compiles once more (seconds); plans and
+callables are kept for the last ``_CACHE_SIZE`` keys.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
+from typing import Callable, Optional
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .reference import na2d_reference
+from .windows import neighborhood_1d
+
+__all__ = ["na2d_flex", "flex_plan", "block_sparsity", "BLOCK_SIZE", "STRIP_WIDTH"]
+
+BLOCK_SIZE = 128  # flex's default sparse block: the unit its kernels skip or compute
+STRIP_WIDTH = 16  # sub-grid columns per strip: a block is 8 rows x 16 columns of a dilation group
+_CACHE_SIZE = 64
 
 
-__all__ = ["na2d_flex"]
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlexPlan:
+    """Token order, per-token coordinates and block mask of one (map, kernel, dilation, device)."""
 
+    height: int
+    width: int
+    kernel_size: tuple[int, int]
+    dilation: tuple[int, int]
+    order: Optional[torch.Tensor]  # [N] raster index at each flex position; None: raster order
+    inverse: Optional[torch.Tensor]  # [N] flex position of each raster index
+    rows: torch.Tensor  # [N] int32 map row / column of each flex position
+    cols: torch.Tensor
+    first_row: torch.Tensor  # [N] int32 first key row / column of each query's window
+    first_col: torch.Tensor
+    block_mask: BlockMask
 
-@functools.lru_cache(maxsize=None)
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    def rpb_score_mod(self, table: torch.Tensor) -> Callable:
+        """``score_mod`` adding ``table[head, kh - 1 + drow // dh, kw - 1 + dcol // dw]``."""
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        rows, cols = self.rows, self.cols
 
-
-def _window_offset(query_pos, key_pos, length, kernel_size, dilation):
-    """``key - first key of the query's window`` along one axis, in index arithmetic only
-    (the CPU compiler rejects tensors captured by a mask); see :mod:`.windows`."""
-    group, sub = query_pos % dilation, query_pos // dilation
-    sub_length = (length - group + dilation - 1) // dilation
-    start = torch.minimum((sub - kernel_size // 2).clamp(min=0), sub_length - kernel_size)
-    return key_pos - (group + dilation * start)
-
-
-@functools.lru_cache(maxsize=64)
-def _block_mask(height, width, kernel_size, dilation, device_str):
-    (kh, kw), (dh, dw) = kernel_size, dilation
-
-    def in_window(offset, dil, kernel):
-        return (offset >= 0) & (offset < kernel * dil) & (offset % dil == 0)
-
-    def neighborhood(b, h, q_idx, kv_idx):
-        dr = _window_offset(q_idx // width, kv_idx // width, height, kh, dh)
-        dc = _window_offset(q_idx % width, kv_idx % width, width, kw, dw)
-        return in_window(dr, dh, kh) & in_window(dc, dw, kw)
-
-    tokens = height * width
-    return create_block_mask(neighborhood, B=None, H=None, Q_LEN=tokens, KV_LEN=tokens, device=device_str)
-
-
-def na2d_flex(query, key, value, kernel_size, dilation, rpb, scale, compile=True):
-    """Arguments as :func:`timm_nat.attention.na2d`, validated. ``compile=False`` runs flex eagerly."""
-    b, height, width, heads, dim = query.shape
-    mask = _block_mask(height, width, tuple(kernel_size), tuple(dilation), str(query.device))
-    score_mod = None
-    if rpb is not None:
-        (kh, kw), (dh, dw) = kernel_size, dilation
-        table = rpb.to(query.dtype)
-
-        def score_mod(score, b_, h, q_idx, kv_idx):
+        def score_mod(score, b, h, q_idx, kv_idx):
             # Clamped so that pairs the mask drops still index inside the table.
-            ir = ((kv_idx // width - q_idx // width) // dh + kh - 1).clamp(0, 2 * kh - 2)
-            ic = ((kv_idx % width - q_idx % width) // dw + kw - 1).clamp(0, 2 * kw - 2)
+            ir = ((rows[kv_idx] - rows[q_idx]) // dh + kh - 1).clamp(0, 2 * kh - 2)
+            ic = ((cols[kv_idx] - cols[q_idx]) // dw + kw - 1).clamp(0, 2 * kw - 2)
             return score + table[h, ir, ic]
 
-    def flat(x):
-        return x.reshape(b, height * width, heads, dim).transpose(1, 2)
+        return score_mod
 
-    attend = _compiled_flex() if compile else flex_attention
-    out = attend(flat(query), flat(key), flat(value), score_mod=score_mod, block_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(b, height, width, heads, dim)
+
+def _token_order(height: int, width: int, dilation: tuple[int, int]) -> torch.Tensor:
+    """Raster index of each flex position: dilation groups one after another, each in strips."""
+    dh, dw = dilation
+    row, col = torch.arange(height)[:, None], torch.arange(width)[None, :]
+    sub_height, sub_width = -(-height // dh), -(-width // dw)
+    strips = -(-sub_width // STRIP_WIDTH)
+    strip, in_strip = (col // dw) // STRIP_WIDTH, (col // dw) % STRIP_WIDTH
+    group = (row % dh) * dw + col % dw
+    rank = ((group * strips + strip) * sub_height + row // dh) * STRIP_WIDTH + in_strip
+    return rank.flatten().argsort()
+
+
+def _neighborhood_mask_mod(plan_tables, kernel_size, dilation) -> Callable:
+    rows, cols, first_row, first_col = plan_tables
+    (kh, kw), (dh, dw) = kernel_size, dilation
+
+    def neighborhood(b, h, q_idx, kv_idx):
+        dr = rows[kv_idx] - first_row[q_idx]
+        dc = cols[kv_idx] - first_col[q_idx]
+        return ((dr >= 0) & (dr < kh * dh) & (dr % dh == 0)
+                & (dc >= 0) & (dc < kw * dw) & (dc % dw == 0))
+
+    return neighborhood
+
+
+def _block_mask_from_neighbours(key_positions: torch.Tensor, query_positions: torch.Tensor, tokens: int,
+                                mask_mod: Callable) -> BlockMask:
+    """Exact block mask from each query's neighbours (flex positions, ``[N, K]`` and ``[N]``).
+
+    A block is full when all ``BLOCK_SIZE**2`` of its pairs are neighbours (padding never is),
+    partial when some are, as ``create_block_mask`` classifies them.
+    """
+    blocks = -(-tokens // BLOCK_SIZE)
+    pair_block = (query_positions[:, None] // BLOCK_SIZE) * blocks + key_positions // BLOCK_SIZE
+    counts = torch.bincount(pair_block.flatten(), minlength=blocks * blocks).view(blocks, blocks)
+    full = counts == BLOCK_SIZE * BLOCK_SIZE
+    partial = (counts > 0) & ~full
+
+    def ordered(dense):  # flex's layout: count per query block, non-empty key blocks first, ascending
+        dense = dense.to(torch.int32)
+        return (dense.sum(-1).to(torch.int32)[None, None].contiguous(),
+                dense.argsort(dim=-1, descending=True, stable=True).to(torch.int32)[None, None].contiguous())
+
+    num, indices = ordered(partial)
+    full_num, full_indices = ordered(full)
+    return BlockMask.from_kv_blocks(num, indices, full_num, full_indices, BLOCK_SIZE=BLOCK_SIZE,
+                                    mask_mod=mask_mod, seq_lengths=(tokens, tokens))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _cached_plan(height, width, kernel_size, dilation, device, regroup) -> FlexPlan:
+    return _build_plan(height, width, kernel_size, dilation, device, regroup)
+
+
+def flex_plan(height: int, width: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
+              device: torch.device | str = "cpu", regroup: bool = True) -> FlexPlan:
+    """The cached :class:`FlexPlan` of one map; ``regroup=False`` keeps raster token order."""
+    return _cached_plan(height, width, tuple(kernel_size), tuple(dilation), torch.device(device), regroup)
+
+
+def _build_plan(height, width, kernel_size, dilation, device, regroup) -> FlexPlan:
+    tokens = height * width
+    order = _token_order(height, width, dilation) if regroup else torch.arange(tokens)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(tokens)
+    row_keys, _ = neighborhood_1d(height, kernel_size[0], dilation[0])  # [H, kh]
+    col_keys, _ = neighborhood_1d(width, kernel_size[1], dilation[1])  # [W, kw]
+    # Raster index of every neighbour of every (raster) query: [H, W, kh, kw] -> [N, kh * kw].
+    neighbours = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(tokens, -1)
+    rows, cols = order // width, order % width
+    # Padded to whole blocks, far outside the map: a mod that reads past the last token masks it.
+    padding = -(-tokens // BLOCK_SIZE) * BLOCK_SIZE - tokens
+    tables = tuple(torch.nn.functional.pad(t, (0, padding), value=-2 ** 20).to(device=device, dtype=torch.int32)
+                   for t in (rows, cols, row_keys[rows, 0], col_keys[cols, 0]))
+    mask_mod = _neighborhood_mask_mod(tables, kernel_size, dilation)
+    block_mask = _block_mask_from_neighbours(inverse[neighbours], inverse, tokens, mask_mod).to(device)
+    identity = bool((order == torch.arange(tokens)).all())
+    return FlexPlan(height, width, kernel_size, dilation,
+                    None if identity else order.to(device), None if identity else inverse.to(device),
+                    *tables, block_mask)
+
+
+def block_sparsity(block_mask: BlockMask) -> dict:
+    """Share of the ``blocks x blocks`` grid that flex computes: ``full``, ``partial``, ``nonempty``."""
+    q_tokens, kv_tokens = block_mask.seq_lengths
+    grid = -(-q_tokens // block_mask.BLOCK_SIZE[0]) * -(-kv_tokens // block_mask.BLOCK_SIZE[1])
+    full = int(block_mask.full_kv_num_blocks.sum()) if block_mask.full_kv_num_blocks is not None else 0
+    partial = int(block_mask.kv_num_blocks.sum())
+    return dict(full=full / grid, partial=partial / grid, nonempty=(full + partial) / grid)
+
+
+class _Permute(torch.autograd.Function):
+    """``x.index_select(1, order)`` whose backward is the inverse gather (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def _flex_call(query, key, value, table, plan, scale):
+    score_mod = None if table is None else plan.rpb_score_mod(table)
+    return flex_attention(query, key, value, score_mod=score_mod, block_mask=plan.block_mask, scale=scale)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _compiled_flex(plan: FlexPlan, dtype: torch.dtype, has_rpb: bool) -> Callable:
+    """A compiled copy of :func:`_flex_call` with a code object (hence a dynamo cache) of its own."""
+    del dtype, has_rpb  # part of the key only: each gets its own graphs and recompile budget
+    code = _flex_call.__code__.replace()
+    own_copy = types.FunctionType(code, _flex_call.__globals__, _flex_call.__name__)
+    return torch.compile(own_copy, fullgraph=True)
+
+
+def _all_finite(*tensors) -> bool:
+    total = sum(t.sum(dtype=torch.float32) for t in tensors if t is not None)
+    return bool(torch.isfinite(total))
+
+
+def na2d_flex(query, key, value, kernel_size, dilation, rpb, scale, compile=True, regroup=True):
+    """Arguments as :func:`timm_nat.attention.na2d`, validated. ``compile=False`` runs flex eagerly.
+
+    Non-finite inputs (checked by one reduction in eager calls) go to the exact gather path, so
+    NaN/Inf land exactly where legacy NATTEN puts them: flex's kernel would zero a NaN query and
+    spread a NaN value to every query of the blocks around it. Inside a caller's
+    ``torch.compile`` graph that check is skipped (it would break the graph).
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not _all_finite(query, key, value, rpb):
+        return na2d_reference(query, key, value, tuple(kernel_size), tuple(dilation), rpb, scale)
+    b, height, width, heads, dim = query.shape
+    plan = flex_plan(height, width, kernel_size, dilation, query.device, regroup)
+
+    def to_flex(x):  # [B, H, W, heads, D] -> [B, heads, N, D] in the plan's token order
+        x = x.reshape(b, height * width, heads, dim)
+        if plan.order is not None:
+            x = _Permute.apply(x, plan.order, plan.inverse)
+        return x.transpose(1, 2)
+
+    if compiling or not compile:
+        attend = _flex_call
+    else:
+        attend = _compiled_flex(plan, query.dtype, rpb is not None)
+    out = attend(to_flex(query), to_flex(key), to_flex(value), rpb, plan, scale).transpose(1, 2)
+    if plan.order is not None:
+        out = _Permute.apply(out, plan.inverse, plan.order)
+    return out.reshape(b, height, width, heads, dim)
