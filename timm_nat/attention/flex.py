@@ -5,9 +5,10 @@ CUDA; on CPU flex compiles to C++ too (inference only), which is how CI checks t
 
 Token order: flex sees the map's tokens permuted so that its 128-token blocks are compact. Each
 dilation group (positions with equal ``(row % dh, col % dw)``) is contiguous, since dilated NA is
-plain NA on each group (see :mod:`.windows`); inside a group tokens run down vertical strips
-``STRIP_WIDTH`` sub-grid columns wide, so a block is an 8 x 16 tile of the group instead of a
-slice of a raster row. The order changes nothing in the result, only which blocks are empty.
+plain NA on each group (see :mod:`.windows`); inside a group tokens run down vertical strips of
+``STRIP_WIDTHS`` sub-grid columns (or whole rows), so that a block is a tile of the group instead
+of a slice of a raster row. Each plan keeps the strip width with the fewest non-empty blocks. The
+order changes nothing in the result, only which blocks flex computes.
 
 Per (map size, kernel, dilation, device) a :class:`FlexPlan` holds that permutation, the
 coordinate tables the mask and score mods read, and the block mask, built from each query's
@@ -34,11 +35,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .reference import na2d_reference
 from .windows import neighborhood_1d
 
-__all__ = ["na2d_flex", "flex_plan", "block_sparsity", "BLOCK_SIZE", "STRIP_WIDTH"]
+__all__ = ["na2d_flex", "flex_plan", "block_sparsity", "BLOCK_SIZE", "STRIP_WIDTHS"]
 
 BLOCK_SIZE = 128  # flex's default sparse block: the unit its kernels skip or compute
-STRIP_WIDTH = 16  # sub-grid columns per strip: a block is 8 rows x 16 columns of a dilation group
+STRIP_WIDTHS = (8, 16, 32)  # candidate strips (sub-grid columns); whole rows are always a candidate
 _CACHE_SIZE = 64
+_COMPILE_BACKEND = "inductor"  # tests count graphs with "eager"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,6 +51,7 @@ class FlexPlan:
     width: int
     kernel_size: tuple[int, int]
     dilation: tuple[int, int]
+    strip_width: int  # sub-grid columns per strip of the chosen order (0: raster order)
     order: Optional[torch.Tensor]  # [N] raster index at each flex position; None: raster order
     inverse: Optional[torch.Tensor]  # [N] flex position of each raster index
     rows: torch.Tensor  # [N] int32 map row / column of each flex position
@@ -57,29 +60,17 @@ class FlexPlan:
     first_col: torch.Tensor
     block_mask: BlockMask
 
-    def rpb_score_mod(self, table: torch.Tensor) -> Callable:
-        """``score_mod`` adding ``table[head, kh - 1 + drow // dh, kw - 1 + dcol // dw]``."""
-        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
-        rows, cols = self.rows, self.cols
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            # Clamped so that pairs the mask drops still index inside the table.
-            ir = ((rows[kv_idx] - rows[q_idx]) // dh + kh - 1).clamp(0, 2 * kh - 2)
-            ic = ((cols[kv_idx] - cols[q_idx]) // dw + kw - 1).clamp(0, 2 * kw - 2)
-            return score + table[h, ir, ic]
-
-        return score_mod
 
 
-def _token_order(height: int, width: int, dilation: tuple[int, int]) -> torch.Tensor:
+def _token_order(height: int, width: int, dilation: tuple[int, int], strip_width: int) -> torch.Tensor:
     """Raster index of each flex position: dilation groups one after another, each in strips."""
     dh, dw = dilation
     row, col = torch.arange(height)[:, None], torch.arange(width)[None, :]
     sub_height, sub_width = -(-height // dh), -(-width // dw)
-    strips = -(-sub_width // STRIP_WIDTH)
-    strip, in_strip = (col // dw) // STRIP_WIDTH, (col // dw) % STRIP_WIDTH
+    strips = -(-sub_width // strip_width)
+    strip, in_strip = (col // dw) // strip_width, (col // dw) % strip_width
     group = (row % dh) * dw + col % dw
-    rank = ((group * strips + strip) * sub_height + row // dh) * STRIP_WIDTH + in_strip
+    rank = ((group * strips + strip) * sub_height + row // dh) * strip_width + in_strip
     return rank.flatten().argsort()
 
 
@@ -96,16 +87,24 @@ def _neighborhood_mask_mod(plan_tables, kernel_size, dilation) -> Callable:
     return neighborhood
 
 
-def _block_mask_from_neighbours(key_positions: torch.Tensor, query_positions: torch.Tensor, tokens: int,
-                                mask_mod: Callable) -> BlockMask:
-    """Exact block mask from each query's neighbours (flex positions, ``[N, K]`` and ``[N]``).
+def _block_pair_counts(order: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbour pairs per (query block, key block) when flex sees the tokens in ``order``.
 
-    A block is full when all ``BLOCK_SIZE**2`` of its pairs are neighbours (padding never is),
-    partial when some are, as ``create_block_mask`` classifies them.
+    ``neighbours`` is ``[N, kh * kw]``: raster index of each neighbour of each raster query.
+    Returns the ``[blocks, blocks]`` counts and ``inverse`` (flex position of each raster index).
     """
+    tokens = order.numel()
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(tokens)
     blocks = -(-tokens // BLOCK_SIZE)
-    pair_block = (query_positions[:, None] // BLOCK_SIZE) * blocks + key_positions // BLOCK_SIZE
+    pair_block = (inverse[:, None] // BLOCK_SIZE) * blocks + inverse[neighbours] // BLOCK_SIZE
     counts = torch.bincount(pair_block.flatten(), minlength=blocks * blocks).view(blocks, blocks)
+    return counts, inverse
+
+
+def _block_mask_from_counts(counts: torch.Tensor, tokens: int, mask_mod: Callable) -> BlockMask:
+    """The block mask ``create_block_mask`` would build: a block is full when all ``BLOCK_SIZE**2``
+    pairs are neighbours (padding never is), partial when some are."""
     full = counts == BLOCK_SIZE * BLOCK_SIZE
     partial = (counts > 0) & ~full
 
@@ -120,37 +119,50 @@ def _block_mask_from_neighbours(key_positions: torch.Tensor, query_positions: to
                                     mask_mod=mask_mod, seq_lengths=(tokens, tokens))
 
 
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def _cached_plan(height, width, kernel_size, dilation, device, regroup) -> FlexPlan:
-    return _build_plan(height, width, kernel_size, dilation, device, regroup)
+_PLANS: dict = {}  # (height, width, kernel, dilation, device, regroup) -> FlexPlan, oldest first
+
+
+@torch._dynamo.assume_constant_result  # in a caller's compiled graph: runs eagerly while tracing
+def _ensure_plan(key: tuple) -> bool:
+    if key not in _PLANS:
+        if len(_PLANS) >= _CACHE_SIZE:
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[key] = _build_plan(*key)
+    return True
 
 
 def flex_plan(height: int, width: int, kernel_size: tuple[int, int], dilation: tuple[int, int],
               device: torch.device | str = "cpu", regroup: bool = True) -> FlexPlan:
     """The cached :class:`FlexPlan` of one map; ``regroup=False`` keeps raster token order."""
-    return _cached_plan(height, width, tuple(kernel_size), tuple(dilation), torch.device(device), regroup)
+    key = (height, width, tuple(kernel_size), tuple(dilation), torch.device(device), regroup)
+    _ensure_plan(key)
+    return _PLANS[key]
 
 
 def _build_plan(height, width, kernel_size, dilation, device, regroup) -> FlexPlan:
     tokens = height * width
-    order = _token_order(height, width, dilation) if regroup else torch.arange(tokens)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(tokens)
     row_keys, _ = neighborhood_1d(height, kernel_size[0], dilation[0])  # [H, kh]
     col_keys, _ = neighborhood_1d(width, kernel_size[1], dilation[1])  # [W, kw]
     # Raster index of every neighbour of every (raster) query: [H, W, kh, kw] -> [N, kh * kw].
     neighbours = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(tokens, -1)
+    sub_width = -(-width // dilation[1])
+    strips = sorted({min(s, sub_width) for s in STRIP_WIDTHS} | {sub_width}, reverse=True) if regroup else [0]
+    candidates = []
+    for strip_width in strips:  # the fewest non-empty blocks wins; the widest strip on ties
+        order = _token_order(height, width, dilation, strip_width) if strip_width else torch.arange(tokens)
+        counts, inverse = _block_pair_counts(order, neighbours)
+        candidates.append((int((counts > 0).sum()), len(candidates), strip_width, order, inverse, counts))
+    _, _, strip_width, order, inverse, counts = min(candidates, key=lambda c: c[:2])
     rows, cols = order // width, order % width
     # Padded to whole blocks, far outside the map: a mod that reads past the last token masks it.
     padding = -(-tokens // BLOCK_SIZE) * BLOCK_SIZE - tokens
     tables = tuple(torch.nn.functional.pad(t, (0, padding), value=-2 ** 20).to(device=device, dtype=torch.int32)
                    for t in (rows, cols, row_keys[rows, 0], col_keys[cols, 0]))
-    mask_mod = _neighborhood_mask_mod(tables, kernel_size, dilation)
-    block_mask = _block_mask_from_neighbours(inverse[neighbours], inverse, tokens, mask_mod).to(device)
+    block_mask = _block_mask_from_counts(counts, tokens, _neighborhood_mask_mod(tables, kernel_size, dilation))
     identity = bool((order == torch.arange(tokens)).all())
-    return FlexPlan(height, width, kernel_size, dilation,
+    return FlexPlan(height, width, kernel_size, dilation, strip_width,
                     None if identity else order.to(device), None if identity else inverse.to(device),
-                    *tables, block_mask)
+                    *tables, block_mask.to(device))
 
 
 def block_sparsity(block_mask: BlockMask) -> dict:
@@ -176,18 +188,46 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(1, inverse), None, None
 
 
+def _rpb_score_mod(plan: FlexPlan, table: torch.Tensor) -> Callable:
+    """``score_mod`` adding ``table[head, kh - 1 + drow // dh, kw - 1 + dcol // dw]``."""
+    (kh, kw), (dh, dw) = plan.kernel_size, plan.dilation
+    rows, cols = plan.rows, plan.cols
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # Clamped so that pairs the mask drops still index inside the table.
+        ir = ((rows[kv_idx] - rows[q_idx]) // dh + kh - 1).clamp(0, 2 * kh - 2)
+        ic = ((cols[kv_idx] - cols[q_idx]) // dw + kw - 1).clamp(0, 2 * kw - 2)
+        return score + table[h, ir, ic]
+
+    return score_mod
+
+
 def _flex_call(query, key, value, table, plan, scale):
-    score_mod = None if table is None else plan.rpb_score_mod(table)
+    score_mod = None if table is None else _rpb_score_mod(plan, table)
     return flex_attention(query, key, value, score_mod=score_mod, block_mask=plan.block_mask, scale=scale)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _compiled_flex(plan: FlexPlan, dtype: torch.dtype, has_rpb: bool) -> Callable:
-    """A compiled copy of :func:`_flex_call` with a code object (hence a dynamo cache) of its own."""
-    del dtype, has_rpb  # part of the key only: each gets its own graphs and recompile budget
-    code = _flex_call.__code__.replace()
-    own_copy = types.FunctionType(code, _flex_call.__globals__, _flex_call.__name__)
-    return torch.compile(own_copy, fullgraph=True)
+    """A compiled copy of :func:`_flex_call` with a code object (hence a dynamo cache) of its own.
+
+    ``fullgraph=True``: a graph break, or the recompile limit, raises instead of running flex
+    eagerly (which would materialise every score).
+    """
+    own_copy = types.FunctionType(_flex_call.__code__.replace(), _flex_call.__globals__, _flex_call.__name__)
+    compiled = torch.compile(own_copy, fullgraph=True, backend=_COMPILE_BACKEND)
+    key = f"{plan.height}x{plan.width}, kernel {plan.kernel_size}, dilation {plan.dilation}, {dtype}, " \
+          f"{'with' if has_rpb else 'no'} RPB"
+
+    def attend(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            raise RuntimeError(
+                f"na2d flex ({key}): torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}) reached; raise it or run na2d_flex(compile=False)") from error
+
+    return attend
 
 
 def _all_finite(*tensors) -> bool:
