@@ -23,13 +23,22 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def fresh_caches(monkeypatch):
-    """Empty plan and compile caches, dynamo reset, graphs counted with the ``eager`` backend."""
-    monkeypatch.setattr(flex, "_COMPILE_BACKEND", "eager")
+    """Empty plan and compile caches, dynamo reset, graphs counted with an ``eager`` backend that
+    records which graphs got symbolic sizes (yielded: one bool per graph)."""
+    symbolic = []
+
+    def recording_eager(graph, example_inputs):
+        values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+        symbolic.append(any(isinstance(size, torch.SymInt) for v in values if isinstance(v, torch.Tensor)
+                            for size in v.shape))
+        return graph.forward
+
+    monkeypatch.setattr(flex, "_COMPILE_BACKEND", recording_eager)
     monkeypatch.setattr(flex, "_PLANS", {})
     flex._compiled_flex.cache_clear()
     torch._dynamo.reset()
     counters.clear()
-    yield
+    yield symbolic
     flex._compiled_flex.cache_clear()
     torch._dynamo.reset()
 
@@ -110,6 +119,9 @@ def test_compiled_flex_two_input_sizes_stay_compiled(fresh_caches):
                                        rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == len(shapes) == 14
     assert flex._compiled_flex.cache_info().currsize == 14
+    # Each copy keeps its own automatic-dynamic state: no plan is compiled with symbolic sizes
+    # because another plan had other ones (inductor's CPU flex template fails on those).
+    assert fresh_caches == [False] * 14
 
 
 def test_compiled_flex_batch_sizes_recompile_once(fresh_caches):
@@ -122,6 +134,7 @@ def test_compiled_flex_batch_sizes_recompile_once(fresh_caches):
             torch.testing.assert_close(na2d_flex(q, k, v, (3, 3), (2, 2), rpb, 0.5),
                                        na2d_reference(q, k, v, (3, 3), (2, 2), rpb, 0.5), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2
+    assert fresh_caches == [False, True]  # the second graph: dynamic batch
 
 
 def test_compiled_flex_recompile_limit_raises(fresh_caches):

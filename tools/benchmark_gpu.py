@@ -78,8 +78,8 @@ def _attention_ops(dilation, rpb, scale):
 def op_cell(name, op, shape, dtype, backward, device, iters, warmup):
     """Milliseconds of one (op, shape, dtype, fwd or fwd+bwd), or the reason it did not run."""
     _, batch, height, width, heads, _ = shape
-    if backward and device == "cpu" and name.startswith("flex"):
-        return "no CPU bwd"  # torch has no CPU flex backward
+    if backward and device == "cpu" and name.startswith(("flex", "natten")):
+        return "no CPU bwd"  # torch has no CPU flex backward (NATTEN runs flex on CPU)
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, height, width, heads, HEAD_DIM, device=device, generator=gen, dtype=dtype)
                for _ in range(3))
@@ -189,7 +189,7 @@ def model_table(models, compiles, batch, img_size, device, iters, warmup):
             row = [m, "yes" if c else "no"]
             for t in (False, True):
                 value, base = results[(m, c, t)], results.get((baseline, c, t))
-                row.append(f"{value:.1f}" if isinstance(value, float) else value)
+                row.append(f"{value:.3g}" if isinstance(value, float) else value)
                 row.append(f"{value / base:.2f}" if isinstance(value, float) and isinstance(base, float) else "–")
             rows.append(row)
     return header, rows

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import types
 from typing import Callable, Optional
 
@@ -41,6 +42,7 @@ BLOCK_SIZE = 128  # flex's default sparse block: the unit its kernels skip or co
 STRIP_WIDTHS = (8, 16, 32)  # candidate strips (sub-grid columns); whole rows are always a candidate
 _CACHE_SIZE = 64
 _COMPILE_BACKEND = "inductor"  # tests count graphs with "eager"
+_COPIES = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,7 +216,10 @@ def _compiled_flex(plan: FlexPlan, dtype: torch.dtype, has_rpb: bool) -> Callabl
     ``fullgraph=True``: a graph break, or the recompile limit, raises instead of running flex
     eagerly (which would materialise every score).
     """
-    own_copy = types.FunctionType(_flex_call.__code__.replace(), _flex_call.__globals__, _flex_call.__name__)
+    # A name of its own too: dynamo keeps automatic-dynamic state per (file, line, name), and another
+    # plan's sizes there would compile this one with symbolic sequence lengths.
+    name = f"_flex_call_{next(_COPIES)}"
+    own_copy = types.FunctionType(_flex_call.__code__.replace(co_name=name, co_qualname=name), _flex_call.__globals__, name)
     compiled = torch.compile(own_copy, fullgraph=True, backend=_COMPILE_BACKEND)
     key = f"{plan.height}x{plan.width}, kernel {plan.kernel_size}, dilation {plan.dilation}, {dtype}, " \
           f"{'with' if has_rpb else 'no'} RPB"
