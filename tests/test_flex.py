@@ -88,6 +88,13 @@ def test_token_order_sparsity(height, width, dilation, raster, regrouped):
     assert after["nonempty"] == pytest.approx(regrouped, abs=5e-4)
 
 
+def test_plan_made_in_inference_mode_is_a_normal_tensor_cache(fresh_caches):
+    """Plans are cached: made under inference_mode they would break later training at that size."""
+    with torch.inference_mode():
+        plan = flex_plan(30, 41, (7, 5), (2, 4), CPU)
+    assert not any(t.is_inference() for t in (plan.order, plan.inverse, plan.rows, plan.block_mask.kv_indices))
+
+
 @pytest.mark.parametrize("height, width", [(128, 128), (200, 336)])
 def test_block_mask_memory_is_linear_in_tokens(height, width):
     """The old create_block_mask call (no _compile) took +6.9 GB at 128x128 and could not allocate

@@ -129,7 +129,8 @@ def _ensure_plan(key: tuple) -> bool:
     if key not in _PLANS:
         if len(_PLANS) >= _CACHE_SIZE:
             del _PLANS[next(iter(_PLANS))]
-        _PLANS[key] = _build_plan(*key)
+        with torch.inference_mode(False):  # a plan made in inference mode must still serve training
+            _PLANS[key] = _build_plan(*key)
     return True
 
 
@@ -230,7 +231,8 @@ def _compiled_flex(plan: FlexPlan, dtype: torch.dtype, has_rpb: bool) -> Callabl
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:
             raise RuntimeError(
                 f"na2d flex ({key}): torch._dynamo.config.recompile_limit "
-                f"({torch._dynamo.config.recompile_limit}) reached; raise it or run na2d_flex(compile=False)") from error
+                f"({getattr(torch._dynamo.config, 'recompile_limit', '?')}) reached; "
+                "raise it or run na2d_flex(compile=False)") from error
 
     return attend
 
