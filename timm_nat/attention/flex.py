@@ -56,12 +56,13 @@ class FlexPlan:
     strip_width: int  # sub-grid columns per strip of the chosen order (0: raster order)
     order: Optional[torch.Tensor]  # [N] raster index at each flex position; None: raster order
     inverse: Optional[torch.Tensor]  # [N] flex position of each raster index
-    rows: torch.Tensor  # [N] int32 map row / column of each flex position
+    # int32, padded to whole blocks: map row / column of each flex position, and the first key
+    # row / column of its window (as a query)
+    rows: torch.Tensor
     cols: torch.Tensor
-    first_row: torch.Tensor  # [N] int32 first key row / column of each query's window
+    first_row: torch.Tensor
     first_col: torch.Tensor
     block_mask: BlockMask
-
 
 
 def _token_order(height: int, width: int, dilation: tuple[int, int], strip_width: int) -> torch.Tensor:
