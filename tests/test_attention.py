@@ -78,10 +78,14 @@ def test_golden_forward_inference_backends(golden_cases, backend):
             out_norpb, _ = _run_case(case, t, None, with_rpb=False, backward=False)  # automatic: falls back
             _assert_close(f"case{case['case']}.out_norpb (fallback)", _to_golden_layout(out_norpb), t["out_norpb"])
             continue
-        if backend == "flex":
-            out, _ = _run_case(case, t, backend, backward=False)
+        if backend == "flex":  # eager: na2d's flex is compiled, which test_golden_flex_compiled covers
+            q, k, v = (_to_natten_layout(t[n]) for n in "qkv")
+            window = ((case["kernel_size"],) * 2, tuple(case["dilation"]))
+            out = na2d_flex(q, k, v, *window, t["rpb"], case["scale"], compile=False)
             _assert_close(f"case{case['case']}.out", _to_golden_layout(out), t["out"])
-        out_norpb, _ = _run_case(case, t, backend, with_rpb=False, backward=False)
+            out_norpb = na2d_flex(q, k, v, *window, None, case["scale"], compile=False)
+        else:
+            out_norpb, _ = _run_case(case, t, backend, with_rpb=False, backward=False)
         _assert_close(f"case{case['case']}.out_norpb", _to_golden_layout(out_norpb), t["out_norpb"])
 
 
