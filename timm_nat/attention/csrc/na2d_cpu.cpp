@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -71,7 +72,7 @@ struct Strided {
 };
 
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
+inline T dot_n(const T* a, const T* b, int64_t n) {
   using Vec = Vectorized<T>;
   Vec acc(T(0));
   int64_t d = 0;
@@ -80,20 +81,45 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return acc.reduce_add();
 }
 
-// y += alpha * x
-template <typename T>
-inline void axpy(T* y, T alpha, const T* x, int64_t n) {
+// One head_dim vector. NV > 0: head_dim == NV * Vec::size(), held in registers (the common
+// head_dim 32 is NV = 2 on AVX-512); NV == 0: any head_dim, in a buffer.
+template <typename T, int NV>
+struct HeadVec {
   using Vec = Vectorized<T>;
-  const Vec a(alpha);
-  int64_t d = 0;
-  for (; d + Vec::size() <= n; d += Vec::size()) at::vec::fmadd(a, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
-  if (d < n) at::vec::fmadd(a, Vec::loadu(x + d, n - d), Vec::loadu(y + d, n - d)).store(y + d, n - d);
-}
+  Vec r[NV];
+  explicit HeadVec(int64_t) {}
+  void zero() { for (int e = 0; e < NV; ++e) r[e] = Vec(T(0)); }
+  void load(const T* x, T alpha) { for (int e = 0; e < NV; ++e) r[e] = Vec::loadu(x + e * Vec::size()) * Vec(alpha); }
+  T dot(const T* x) const {
+    Vec acc = r[0] * Vec::loadu(x);
+    for (int e = 1; e < NV; ++e) acc = at::vec::fmadd(r[e], Vec::loadu(x + e * Vec::size()), acc);
+    return acc.reduce_add();
+  }
+  void axpy(T alpha, const T* x) {  // this += alpha * x
+    const Vec a(alpha);
+    for (int e = 0; e < NV; ++e) r[e] = at::vec::fmadd(a, Vec::loadu(x + e * Vec::size()), r[e]);
+  }
+  void store(T* y, T alpha) const { for (int e = 0; e < NV; ++e) (r[e] * Vec(alpha)).store(y + e * Vec::size()); }
+};
 
 template <typename T>
-inline void scale_into(T* y, T alpha, const T* x, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] = alpha * x[d];
-}
+struct HeadVec<T, 0> {
+  using Vec = Vectorized<T>;
+  std::vector<T> r;
+  explicit HeadVec(int64_t dim) : r(dim) {}
+  void zero() { std::fill(r.begin(), r.end(), T(0)); }
+  void load(const T* x, T alpha) { for (size_t d = 0; d < r.size(); ++d) r[d] = x[d] * alpha; }
+  T dot(const T* x) const { return dot_n(r.data(), x, static_cast<int64_t>(r.size())); }
+  void axpy(T alpha, const T* x) {
+    const Vec a(alpha);
+    const int64_t n = r.size();
+    T* y = r.data();
+    int64_t d = 0;
+    for (; d + Vec::size() <= n; d += Vec::size()) at::vec::fmadd(a, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+    if (d < n) at::vec::fmadd(a, Vec::loadu(x + d, n - d), Vec::loadu(y + d, n - d)).store(y + d, n - d);
+  }
+  void store(T* y, T alpha) const { for (size_t d = 0; d < r.size(); ++d) y[d] = r[d] * alpha; }
+};
 
 // Everything one call needs about the problem.
 struct Problem {
@@ -110,16 +136,16 @@ struct Problem {
 };
 
 // logits[slot] = (scale * q) . k[slot] + rpb[slot] for the window of query (b, i, j, head).
-template <typename T>
-inline void window_logits(const Problem& p, const T* scaled_q, const T* key, const Strided& ks, const T* rpb,
-                          int64_t b, int64_t i, int64_t j, int64_t head, T* logits) {
+template <typename T, int NV>
+inline void window_logits(const Problem& p, const HeadVec<T, NV>& scaled_q, const T* key, const Strided& ks,
+                          const T* rpb, int64_t b, int64_t i, int64_t j, int64_t head, T* logits) {
   const int64_t r0 = p.rows.first_key[i], c0 = p.cols.first_key[j];
-  const int64_t dr = p.rows.dilation, dc = p.cols.dilation;
+  const int64_t row_step = p.rows.dilation * ks.h, col_step = p.cols.dilation * ks.w;
   const T* bias = rpb ? rpb + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w + p.cols.first_bias[j] : nullptr;
-  for (int64_t ti = 0; ti < p.kh; ++ti) {
-    const T* key_row = key + ks.at(b, r0 + ti * dr, c0, head);
+  const T* key_row = key + ks.at(b, r0, c0, head);
+  for (int64_t ti = 0; ti < p.kh; ++ti, key_row += row_step) {
     for (int64_t tj = 0; tj < p.kw; ++tj) {
-      T s = dot(scaled_q, key_row + tj * dc * ks.w, p.dim);
+      const T s = scaled_q.dot(key_row + tj * col_step);
       logits[ti * p.kw + tj] = bias ? s + bias[ti * p.bias_w + tj] : s;
     }
   }
@@ -147,7 +173,7 @@ inline T max_of(const T* x, int64_t padded) {
   return m.reduce_max();
 }
 
-template <typename T>
+template <typename T, int NV>
 void forward_kernel(const Problem& p, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     const T* rpb, T scale, at::Tensor& out, at::Tensor& lse) {
   const Strided qs(query), ks(key), vs(value), os(out);
@@ -156,27 +182,23 @@ void forward_kernel(const Problem& p, const at::Tensor& query, const at::Tensor&
   const T* v = value.const_data_ptr<T>();
   T* o = out.mutable_data_ptr<T>();
   T* l = lse.mutable_data_ptr<T>();
+  const int64_t row_step = p.rows.dilation * vs.h, col_step = p.cols.dilation * vs.w;
   at::parallel_for(0, p.batch * p.height, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> logits(p.padded_window, -std::numeric_limits<T>::infinity()), probs(p.padded_window);
-    std::vector<T> scaled_q(p.dim);
+    HeadVec<T, NV> scaled_q(p.dim), acc(p.dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.height, i = row % p.height;
-      const int64_t r0 = p.rows.first_key[i];
       for (int64_t j = 0; j < p.width; ++j) {
-        const int64_t c0 = p.cols.first_key[j];
         for (int64_t head = 0; head < p.heads; ++head) {
-          scale_into(scaled_q.data(), scale, q + qs.at(b, i, j, head), p.dim);
-          window_logits(p, scaled_q.data(), k, ks, rpb, b, i, j, head, logits.data());
+          scaled_q.load(q + qs.at(b, i, j, head), scale);
+          window_logits(p, scaled_q, k, ks, rpb, b, i, j, head, logits.data());
           const T shift = max_of(logits.data(), p.padded_window);
           const T total = exp_shifted(logits.data(), shift, probs.data(), p.padded_window);
-          const T inv_total = T(1) / total;
-          T* o_ptr = o + os.at(b, i, j, head);
-          std::fill(o_ptr, o_ptr + p.dim, T(0));
-          for (int64_t ti = 0; ti < p.kh; ++ti) {
-            const T* value_row = v + vs.at(b, r0 + ti * p.rows.dilation, c0, head);
-            for (int64_t tj = 0; tj < p.kw; ++tj)
-              axpy(o_ptr, probs[ti * p.kw + tj] * inv_total, value_row + tj * p.cols.dilation * vs.w, p.dim);
-          }
+          acc.zero();
+          const T* value_row = v + vs.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
+          for (int64_t ti = 0; ti < p.kh; ++ti, value_row += row_step)
+            for (int64_t tj = 0; tj < p.kw; ++tj) acc.axpy(probs[ti * p.kw + tj], value_row + tj * col_step);
+          acc.store(o + os.at(b, i, j, head), T(1) / total);
           l[((b * p.height + i) * p.width + j) * p.heads + head] = shift + std::log(total);
         }
       }
@@ -184,7 +206,7 @@ void forward_kernel(const Problem& p, const at::Tensor& query, const at::Tensor&
   });
 }
 
-template <typename T>
+template <typename T, int NV>
 void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                      const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, const T* rpb, T scale,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& drpb) {
@@ -205,70 +227,71 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const int64_t chunks = std::min<int64_t>(std::max(at::get_num_threads(), 1), rows_total);
   const int64_t rows_per_chunk = (rows_total + chunks - 1) / chunks;
   std::vector<T> bias_partial(with_bias_grad ? chunks * bias_numel : 0, T(0));
+  const int64_t key_row_step = p.rows.dilation * ks.h, key_col_step = p.cols.dilation * ks.w;
+  const int64_t value_row_step = p.rows.dilation * vs.h, value_col_step = p.cols.dilation * vs.w;
 
   // Query pass: dq, drpb, and the window's p and dlogits for the key pass.
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     std::vector<T> logits(p.padded_window, -std::numeric_limits<T>::infinity()), probs(p.padded_window);
-    std::vector<T> scaled_q(p.dim);
-    T* my_bias = with_bias_grad ? bias_partial.data() + chunk * bias_numel : nullptr;
-    const int64_t begin = chunk * rows_per_chunk, end = std::min(rows_total, begin + rows_per_chunk);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / p.height, i = row % p.height;
-      const int64_t r0 = p.rows.first_key[i];
-      for (int64_t j = 0; j < p.width; ++j) {
-        const int64_t c0 = p.cols.first_key[j];
-        for (int64_t head = 0; head < p.heads; ++head) {
-          const int64_t query_index = ((b * p.height + i) * p.width + j) * p.heads + head;
-          scale_into(scaled_q.data(), scale, q + qs.at(b, i, j, head), p.dim);
-          window_logits(p, scaled_q.data(), k, ks, rpb, b, i, j, head, logits.data());
-          exp_shifted(logits.data(), l[query_index], probs.data(), p.padded_window);
-          const T* g_ptr = g + gs.at(b, i, j, head);
-          const T delta = dot(g_ptr, o + os.at(b, i, j, head), p.dim);
-          T* dq_ptr = dq.mutable_data_ptr<T>() + dqs.at(b, i, j, head);
-          std::fill(dq_ptr, dq_ptr + p.dim, T(0));
-          T* p_out = probs_all.data() + query_index * p.window;
-          T* ds_out = dlogits_all.data() + query_index * p.window;
-          T* bias = my_bias ? my_bias + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w + p.cols.first_bias[j]
-                            : nullptr;
-          for (int64_t ti = 0; ti < p.kh; ++ti) {
-            const int64_t key_offset = ks.at(b, r0 + ti * p.rows.dilation, c0, head);
-            const int64_t value_offset = vs.at(b, r0 + ti * p.rows.dilation, c0, head);
-            for (int64_t tj = 0; tj < p.kw; ++tj) {
-              const int64_t slot = ti * p.kw + tj;
-              const T prob = probs[slot];
-              const T ds = prob * (dot(g_ptr, v + value_offset + tj * p.cols.dilation * vs.w, p.dim) - delta);
-              axpy(dq_ptr, ds * scale, k + key_offset + tj * p.cols.dilation * ks.w, p.dim);
-              p_out[slot] = prob;
-              ds_out[slot] = ds;
-              if (bias) bias[ti * p.bias_w + tj] += ds;
+    HeadVec<T, NV> scaled_q(p.dim), grad(p.dim), dq_acc(p.dim);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      T* chunk_bias = with_bias_grad ? bias_partial.data() + chunk * bias_numel : nullptr;
+      const int64_t begin = chunk * rows_per_chunk, end = std::min(rows_total, begin + rows_per_chunk);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / p.height, i = row % p.height;
+        for (int64_t j = 0; j < p.width; ++j) {
+          for (int64_t head = 0; head < p.heads; ++head) {
+            const int64_t query_index = ((b * p.height + i) * p.width + j) * p.heads + head;
+            scaled_q.load(q + qs.at(b, i, j, head), scale);
+            window_logits(p, scaled_q, k, ks, rpb, b, i, j, head, logits.data());
+            exp_shifted(logits.data(), l[query_index], probs.data(), p.padded_window);
+            grad.load(g + gs.at(b, i, j, head), T(1));
+            const T delta = grad.dot(o + os.at(b, i, j, head));
+            dq_acc.zero();
+            T* p_out = probs_all.data() + query_index * p.window;
+            T* ds_out = dlogits_all.data() + query_index * p.window;
+            T* bias = chunk_bias ? chunk_bias + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w +
+                                       p.cols.first_bias[j] : nullptr;
+            const T* key_row = k + ks.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
+            const T* value_row = v + vs.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
+            for (int64_t ti = 0; ti < p.kh; ++ti, key_row += key_row_step, value_row += value_row_step) {
+              for (int64_t tj = 0; tj < p.kw; ++tj) {
+                const int64_t slot = ti * p.kw + tj;
+                const T prob = probs[slot];
+                const T ds = prob * (grad.dot(value_row + tj * value_col_step) - delta);
+                dq_acc.axpy(ds, key_row + tj * key_col_step);
+                p_out[slot] = prob;
+                ds_out[slot] = ds;
+                if (bias) bias[ti * p.bias_w + tj] += ds;
+              }
             }
+            dq_acc.store(dq.mutable_data_ptr<T>() + dqs.at(b, i, j, head), scale);
           }
         }
       }
     }
-   }
   });
 
   // Key pass: every key gathers from the queries whose windows hold it.
-  at::parallel_for(0, p.batch * p.height, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
+    HeadVec<T, NV> dk_acc(p.dim), dv_acc(p.dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.height, r = row % p.height;
       for (int64_t c = 0; c < p.width; ++c) {
         for (int64_t head = 0; head < p.heads; ++head) {
-          T* dk_ptr = dk.mutable_data_ptr<T>() + dks.at(b, r, c, head);
-          T* dv_ptr = dv.mutable_data_ptr<T>() + dvs.at(b, r, c, head);
-          std::fill(dk_ptr, dk_ptr + p.dim, T(0));
-          std::fill(dv_ptr, dv_ptr + p.dim, T(0));
+          dk_acc.zero();
+          dv_acc.zero();
           for (int64_t a = p.rows.inverse_begin[r]; a < p.rows.inverse_begin[r + 1]; ++a) {
             const int64_t i = p.rows.inverse_query[a], ti = p.rows.inverse_slot[a];
             for (int64_t e = p.cols.inverse_begin[c]; e < p.cols.inverse_begin[c + 1]; ++e) {
               const int64_t j = p.cols.inverse_query[e], tj = p.cols.inverse_slot[e];
               const int64_t pair = (((b * p.height + i) * p.width + j) * p.heads + head) * p.window + ti * p.kw + tj;
-              axpy(dv_ptr, probs_all[pair], g + gs.at(b, i, j, head), p.dim);
-              axpy(dk_ptr, dlogits_all[pair] * scale, q + qs.at(b, i, j, head), p.dim);
+              dv_acc.axpy(probs_all[pair], g + gs.at(b, i, j, head));
+              dk_acc.axpy(dlogits_all[pair], q + qs.at(b, i, j, head));
             }
           }
+          dk_acc.store(dk.mutable_data_ptr<T>() + dks.at(b, r, c, head), scale);
+          dv_acc.store(dv.mutable_data_ptr<T>() + dvs.at(b, r, c, head), T(1));
         }
       }
     }
@@ -279,6 +302,19 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
     for (int64_t chunk = 0; chunk < chunks; ++chunk)
       for (int64_t e = 0; e < bias_numel; ++e) out_bias[e] += bias_partial[chunk * bias_numel + e];
   }
+}
+
+// Calls fn.template operator()<NV>() with head_dim in registers where it fits (float: 1, 2 or 4
+// vectors), else the any-head_dim path.
+template <typename T, typename Fn>
+void with_head_vectors(int64_t dim, Fn&& fn) {
+  constexpr int64_t lanes = Vectorized<T>::size();
+  if constexpr (std::is_same_v<T, float>) {
+    if (dim == lanes) return fn.template operator()<1>();
+    if (dim == 2 * lanes) return fn.template operator()<2>();
+    if (dim == 4 * lanes) return fn.template operator()<4>();
+  }
+  fn.template operator()<0>();
 }
 
 at::Tensor head_dim_contiguous(const at::Tensor& t) { return t.stride(4) == 1 ? t : t.contiguous(); }
@@ -308,8 +344,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& query_, const 
   const Problem problem(query, kernel, dilation);
   const at::Tensor rpb = rpb_.has_value() ? rpb_->to(query.scalar_type()).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "na2d_cpu_forward", [&] {
-    forward_kernel<scalar_t>(problem, query, key, value, rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr,
-                             static_cast<scalar_t>(scale), out, lse);
+    with_head_vectors<scalar_t>(problem.dim, [&]<int NV>() {
+      forward_kernel<scalar_t, NV>(problem, query, key, value,
+                                   rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr,
+                                   static_cast<scalar_t>(scale), out, lse);
+    });
   });
   return {out, lse};
 }
@@ -332,9 +371,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
   if (query.numel() == 0) return {dq, dk, dv, drpb};
   const Problem problem(query, kernel, dilation);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "na2d_cpu_backward", [&] {
-    backward_kernel<scalar_t>(problem, grad_out, query, key, value, out, lse,
-                              rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr,
-                              static_cast<scalar_t>(scale), dq, dk, dv, drpb);
+    with_head_vectors<scalar_t>(problem.dim, [&]<int NV>() {
+      backward_kernel<scalar_t, NV>(problem, grad_out, query, key, value, out, lse,
+                                    rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr,
+                                    static_cast<scalar_t>(scale), dq, dk, dv, drpb);
+    });
   });
   return {dq, dk, dv, drpb};
 }
