@@ -135,6 +135,6 @@ def na2d_cpu_fused(query, key, value, kernel_size, dilation, rpb, scale):
     ``scale`` a float); layout ``[batch, height, width, heads, head_dim]``. Call only where
     :func:`can_run` is True.
     """
-    if not is_available():
+    if not torch.compiler.is_compiling() and not is_available():  # a trace only sees the (loaded) op
         raise RuntimeError(f"the fused CPU na2d kernel is unavailable: {_load()}")
     return _FusedNA2D.apply(query, key, value, rpb, tuple(kernel_size), tuple(dilation), scale)

@@ -218,7 +218,10 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const T* o = out.const_data_ptr<T>();
   const T* l = lse.const_data_ptr<T>();
   const int64_t pairs = p.batch * p.height * p.width * p.heads * p.window;
-  std::vector<T> probs_all(pairs), dlogits_all(pairs);  // [B, H, W, heads, kh*kw]
+  // [B, H, W, heads, kh*kw]; tensors, so that allocation tracking (the profiler) sees them
+  at::Tensor probs_tensor = at::empty({pairs}, query.options()), dlogits_tensor = at::empty({pairs}, query.options());
+  T* probs_all = probs_tensor.mutable_data_ptr<T>();
+  T* dlogits_all = dlogits_tensor.mutable_data_ptr<T>();
   const bool with_bias_grad = drpb.numel() > 0;
   const int64_t bias_numel = p.heads * p.bias_h * p.bias_w;
   // One drpb partial table per chunk of rows (chunks, not threads, own them: no races however
@@ -248,8 +251,8 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
             grad.load(g + gs.at(b, i, j, head), T(1));
             const T delta = grad.dot(o + os.at(b, i, j, head));
             dq_acc.zero();
-            T* p_out = probs_all.data() + query_index * p.window;
-            T* ds_out = dlogits_all.data() + query_index * p.window;
+            T* p_out = probs_all + query_index * p.window;
+            T* ds_out = dlogits_all + query_index * p.window;
             T* bias = chunk_bias ? chunk_bias + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w +
                                        p.cols.first_bias[j] : nullptr;
             const T* key_row = k + ks.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
