@@ -187,7 +187,22 @@ def test_no_compiler_means_one_log_line_and_no_kernel(monkeypatch, caplog):
     reason = cpu_fused._load.__wrapped__()
     assert reason == "no C++ compiler ('no-such-compiler-here' not on PATH)"
     monkeypatch.setattr(cpu_fused, "_load", lambda: reason)
+    monkeypatch.setattr(cpu_fused, "_availability", None)
     with caplog.at_level(logging.WARNING, logger="timm_nat.attention.cpu_fused"):
-        assert cpu_fused.is_available.__wrapped__() is False
+        assert not cpu_fused.is_available() and not cpu_fused.is_available()
+        assert not cpu_fused.can_run(torch.zeros(1, 9, 9, 2, 8), has_rpb=True, needs_grad=True)
     assert [r.getMessage() for r in caplog.records] == [
         f"na2d: fused CPU kernel unavailable ({reason}); the 'tiled' backend is used instead"]
+
+
+def test_torch_compile_fullgraph():
+    """The op traces (fake kernels registered, availability a constant): compiled fwd+bwd equals eager."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 10, 9, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen, requires_grad=True)
+    grad_out = torch.randn(1, 10, 9, 2, 16, generator=gen)
+    compiled = torch.compile(na2d_cpu_fused, fullgraph=True, backend="aot_eager")
+    ours = _forward_and_grads(q, k, v, (3, 3), (2, 1), rpb, 0.25, grad_out, fn=compiled)
+    eager = _forward_and_grads(q, k, v, (3, 3), (2, 1), rpb, 0.25, grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "drpb"), ours, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")

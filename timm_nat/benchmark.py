@@ -224,6 +224,14 @@ def measure_op(shape: str, backend: str, repeats: int, clock: str = "wall") -> d
     return row
 
 
+def _run_cells(args, cells: list) -> dict:
+    """Runs every cell (a tuple of ``--cell`` arguments) in its own subprocess, ``--jobs`` at a time
+    (concurrent cells suit ``--clock cpu``, which counts only each cell's own work)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        return dict(zip(cells, pool.map(lambda cell: _run_cell(args, *cell), cells)))
+
+
 def _run_cell(args, *cell) -> dict:
     cmd = [sys.executable, "-m", "timm_nat.benchmark", "--cell", *map(str, cell), "--device", args.device,
            "--repeats", str(args.repeats), "--clock", args.clock] + ["--threads", str(args.threads)] * bool(args.threads)
@@ -243,6 +251,8 @@ def model_table(args) -> dict:
     print("-" * len(header))
     results = {}
     rows = [(name, "-") for name in args.baselines] + [(name, a) for name in args.models for a in args.attention]
+    cells = _run_cells(args, [("model", name, mode, batch, precision, attention) for precision in args.precisions
+                              for name, attention in rows for mode, batch in MODEL_CELLS])
     gflops = {}
     for precision in args.precisions:
         for model_name, attention in rows:
@@ -250,7 +260,7 @@ def model_table(args) -> dict:
                 gflops[model_name] = count_gflops(model_name, IMG_SIZE)
             line = f"{model_name:<30} {attention:<9} {precision:<9} {gflops[model_name]:>9.2f}"
             for mode, batch in MODEL_CELLS:
-                cell = _run_cell(args, "model", model_name, mode, batch, precision, attention)
+                cell = cells["model", model_name, mode, batch, precision, attention]
                 ours = results[model_name, attention, precision, mode, batch] = cell.get("img_s")
                 base = results.get((args.baselines[0], "-", precision, mode, batch)) if args.baselines else None
                 ratio = f"{ours / base:.2f}" if ours and base else "-"
@@ -268,11 +278,13 @@ def op_table(args) -> dict:
     print(header)
     print("-" * len(header))
     results = {}
+    cells = _run_cells(args, [("op", shape, backend) for shape in OP_SHAPES for backend in OP_BACKENDS
+                              if not _op_skip_reason(shape, backend)])
     for shape in OP_SHAPES:
         for backend in OP_BACKENDS:
             if _op_skip_reason(shape, backend):
                 continue
-            row = results[shape, backend] = _run_cell(args, "op", shape, backend)
+            row = results[shape, backend] = cells["op", shape, backend]
             if "error" in row:
                 print(f"{shape:<10} {','.join(map(str, OP_SHAPES[shape])):<16} {backend:<10} {row['error']}")
                 continue
@@ -326,6 +338,7 @@ def main(argv=None) -> int:
                         choices=("fp32", "bf16", "compile"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each in its own process)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: torch's default)")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="wall time, or process CPU time (use with --threads 1 on a loaded machine)")
@@ -349,7 +362,7 @@ def main(argv=None) -> int:
 
     print(f"timm-nat benchmark: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}; medians of {args.repeats} runs after warm-up, "
-          f"{args.clock} clock", flush=True)
+          f"{args.clock} clock, {args.jobs} cell(s) at a time", flush=True)
     if "fused" in args.attention:
         from timm_nat.attention import cpu_fused
         print(f"fused CPU kernel: {'available' if cpu_fused.is_available() else 'NOT available'} "

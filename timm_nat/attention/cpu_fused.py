@@ -81,13 +81,19 @@ def _register_fake_kernels() -> None:
         return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), drpb
 
 
-@functools.lru_cache(maxsize=None)
+_availability: Optional[bool] = None
+
+
+@torch.compiler.assume_constant_result  # a trace (torch.compile) runs it eagerly and keeps the answer
 def is_available() -> bool:
     """Whether the fused kernel runs here: builds or loads it once; logs once why not."""
-    reason = _load()
-    if reason is not None:
-        _logger.warning("na2d: fused CPU kernel unavailable (%s); the 'tiled' backend is used instead", reason)
-    return reason is None
+    global _availability
+    if _availability is None:
+        reason = _load()
+        if reason is not None:
+            _logger.warning("na2d: fused CPU kernel unavailable (%s); the 'tiled' backend is used instead", reason)
+        _availability = reason is None
+    return _availability
 
 
 def build_seconds() -> Optional[float]:
@@ -135,6 +141,6 @@ def na2d_cpu_fused(query, key, value, kernel_size, dilation, rpb, scale):
     ``scale`` a float); layout ``[batch, height, width, heads, head_dim]``. Call only where
     :func:`can_run` is True.
     """
-    if not torch.compiler.is_compiling() and not is_available():  # a trace only sees the (loaded) op
+    if not is_available():
         raise RuntimeError(f"the fused CPU na2d kernel is unavailable: {_load()}")
     return _FusedNA2D.apply(query, key, value, rpb, tuple(kernel_size), tuple(dilation), scale)
