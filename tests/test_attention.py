@@ -177,7 +177,7 @@ def test_backend_choice_and_overrides(monkeypatch, caplog):
     monkeypatch.setattr(functional, "_logged_choices", set())
     q, k, v = _qkv()
     rpb = torch.zeros(2, 5, 5)
-    assert available_backends("cpu", has_rpb=True, needs_grad=True) == ["tiled", "reference"]
+    assert available_backends("cpu", has_rpb=True, needs_grad=True) == ["cpu_fused", "tiled", "reference"]
     assert available_backends("cuda", has_rpb=True)[0] == "flex"
     assert available_backends("cuda", has_rpb=False)[0] == "natten"
     with caplog.at_level(logging.INFO, logger="timm_nat.attention.functional"):
@@ -219,7 +219,7 @@ def test_empty_input_on_fused_backends_is_refused_clearly(backend):
     """Forced, they refuse (compiled CPU flex would kill the process); automatic choice skips them."""
     q = torch.randn(0, 9, 9, 2, 8)
     with pytest.raises(ValueError, match=rf"'{backend}' \(from the backend argument\) cannot run an empty input"
-                                         r".*\(0, 9, 9, 2, 8\).*available: \['tiled', 'reference'\]"):
+                                         r".*\(0, 9, 9, 2, 8\).*available: \['cpu_fused', 'tiled', 'reference'\]"):
         na2d(q, q, q, 3, backend=backend)
 
 
@@ -362,10 +362,10 @@ def test_use_backend_none_is_automatic_despite_the_environment(monkeypatch):
     with pytest.raises(ValueError, match=r"'natten' \(from \$TIMM_NAT_ATTENTION_BACKEND\) has no relative"):
         na2d(q, q, q, 3, rpb=rpb)
     with use_backend(None):
-        assert select_backend("cpu", has_rpb=True) == "tiled"
+        assert select_backend("cpu", has_rpb=True) == "cpu_fused"
         na2d(q, q, q, 3, rpb=rpb)
         with use_backend("reference"), use_backend(None):  # also beats an outer block
-            assert select_backend("cpu", has_rpb=True) == "tiled"
+            assert select_backend("cpu", has_rpb=True) == "cpu_fused"
 
 
 def test_backend_argument_beats_use_backend_and_environment(monkeypatch):
@@ -401,12 +401,12 @@ def test_refused_backend_falls_back_to_the_next_that_can_run(monkeypatch):
 
 def test_every_backend_has_a_can_run_check():
     names = set(backends.BACKENDS)
-    assert names == {"natten", "flex", "tiled", "reference"}
+    assert names == {"natten", "flex", "cpu_fused", "tiled", "reference"}
     for device in ("cpu", "cuda", "meta"):
         assert set(backends.preference(torch.device(device))) == names
     empty = torch.empty(0, 9, 9, 1, 8)
     assert [n for n in names if backends.BACKENDS[n].can_run(empty, False, False)] == sorted(
-        ["tiled", "reference"], key=[n for n in names].index)
+        ["cpu_fused", "tiled", "reference"], key=[n for n in names].index)
     assert available_backends("meta", has_rpb=True) == ["tiled", "reference"]
 
 

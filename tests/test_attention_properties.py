@@ -64,15 +64,15 @@ def _run_or_clear_error(backend, p):
         return None
 
 
-@pytest.mark.parametrize("backend", ["tiled", "natten"])
+@pytest.mark.parametrize("backend", ["cpu_fused", "tiled", "natten"])
 @settings(max_examples=50, **_SETTINGS)
 @given(p=problems())
 def test_backend_equals_reference(backend, p):
     if backend == "natten":
         p["rpb"] = None  # NATTEN has no RPB (that refusal is tested in test_attention.py)
     ours = _run_or_clear_error(backend, p)
-    if backend == "tiled":
-        assert ours is not None, "tiled runs every valid input"
+    if backend in ("cpu_fused", "tiled"):
+        assert ours is not None, f"{backend} runs every valid input"
     if ours is not None:
         _assert_matches(ours, _reference(p), p["q"].dtype, backend)
 
@@ -89,17 +89,19 @@ def test_flex_eager_equals_reference(p):
 
 @settings(max_examples=30, **_SETTINGS)
 @given(p=problems(dtypes=(torch.float64,)))
-def test_tiled_gradients_equal_reference(p):
-    """fp64 gradients of q, k, v and rpb, NaN positions included (non-finite inputs make the
-    reference's backward NaN exactly where 0 * NaN meets them; tiled's must agree)."""
+def test_gradients_equal_reference(p):
+    """fp64 gradients of q, k, v and rpb on tiled and cpu_fused, NaN positions included (non-finite
+    inputs make the reference's backward NaN exactly where 0 * NaN meets them; ours must agree)."""
     inputs = [t.requires_grad_() for t in (p["q"], p["k"], p["v"], p["rpb"]) if t is not None]
     grad_out = torch.randn(p["q"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     results = []
-    for backend in ("tiled", "reference"):
+    for backend in ("cpu_fused", "tiled", "reference"):
         out = na2d(p["q"], p["k"], p["v"], p["kernel"], p["dilation"], rpb=p["rpb"], scale=p["scale"], backend=backend)
         results.append(torch.autograd.grad((out * grad_out).sum(), inputs, allow_unused=True))
-    for index, (ours, expected) in enumerate(zip(*results)):
-        if ours is None or expected is None:  # unused: empty input; autograd's zero either way
-            assert not any(g is not None and g.any() for g in (ours, expected))
-            continue
-        _assert_matches(ours, expected, torch.float64, f"grad {index}")
+    *ours_by_backend, expected_grads = results
+    for backend, grads in zip(("cpu_fused", "tiled"), ours_by_backend):
+        for index, (ours, expected) in enumerate(zip(grads, expected_grads)):
+            if ours is None or expected is None:  # unused: empty input; autograd's zero either way
+                assert not any(g is not None and g.any() for g in (ours, expected))
+                continue
+            _assert_matches(ours, expected, torch.float64, f"{backend} grad {index}")

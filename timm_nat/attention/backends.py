@@ -57,6 +57,29 @@ class TiledBackend(Backend):
         return na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale)
 
 
+class CpuFusedBackend(Backend):
+    """The C++ kernel that reads only each query's window, forward and backward (:mod:`.cpu_fused`),
+    compiled on first use; where it cannot be built, ``tiled`` takes over (one log line says why)."""
+    name = "cpu_fused"
+
+    def why_not(self, query, has_rpb, needs_grad):
+        device = _device(query)
+        if device.type != "cpu":
+            return f"runs on cpu only, not {device}"
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return "is a custom op that torch.jit.trace and ONNX cannot record"
+        from . import cpu_fused
+        if isinstance(query, torch.Tensor) and query.dtype not in cpu_fused.SUPPORTED_DTYPES:
+            return f"has no kernel for {query.dtype}"
+        if not cpu_fused.is_available():
+            return "could not be built here (see the log line from timm_nat.attention.cpu_fused)"
+        return None
+
+    def run(self, query, key, value, kernel_size, dilation, rpb, scale):
+        from .cpu_fused import na2d_cpu_fused
+        return na2d_cpu_fused(query, key, value, kernel_size, dilation, rpb, scale)
+
+
 class ReferenceBackend(Backend):
     """Gather-based (:mod:`.reference`): runs everywhere, for tests."""
     name = "reference"
@@ -133,12 +156,14 @@ def flex_importable() -> bool:
     return True
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (NattenBackend(), FlexBackend(), TiledBackend(), ReferenceBackend())}
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (NattenBackend(), FlexBackend(), CpuFusedBackend(), TiledBackend(), ReferenceBackend())}
 
-# Order of preference. CPU: tiled (exact, fused SDPA tiles) beats NATTEN's and flex's CPU paths.
-# Elsewhere: NATTEN's fused kernels (no RPB), flex (RPB), then tiled. reference runs everywhere.
-_PREFERENCE = {"cpu": ("tiled", "natten", "flex", "reference")}
-_DEFAULT_PREFERENCE = ("natten", "flex", "tiled", "reference")
+# Order of preference. CPU: the fused kernel (window only), then tiled (dense SDPA tiles), both far
+# ahead of NATTEN's and flex's CPU paths. Elsewhere: NATTEN's fused kernels (no RPB), flex (RPB),
+# then tiled. reference runs everywhere.
+_PREFERENCE = {"cpu": ("cpu_fused", "tiled", "natten", "flex", "reference")}
+_DEFAULT_PREFERENCE = ("natten", "flex", "tiled", "cpu_fused", "reference")
 
 
 def preference(device: torch.device) -> tuple[str, ...]:

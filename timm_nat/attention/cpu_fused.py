@@ -29,7 +29,7 @@ __all__ = ["is_available", "can_run", "na2d_cpu_fused", "build_seconds"]
 
 _logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "na2d_cpu.cpp")
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # The ISA flags torch compiles its own kernels of each capability with (ATen/cpu/vec needs the
 # CPU_CAPABILITY macros to pick its 512- or 256-bit Vectorized).
 _ISA_FLAGS = {
@@ -104,7 +104,7 @@ def build_seconds() -> Optional[float]:
 def can_run(query: torch.Tensor, has_rpb: bool, needs_grad: bool) -> bool:
     """Whether :func:`na2d_cpu_fused` runs on ``query`` (CPU, a float dtype; RPB and autograd are
     both supported, so ``has_rpb`` and ``needs_grad`` do not restrict it)."""
-    return query.device.type == "cpu" and query.dtype in _DTYPES and is_available()
+    return query.device.type == "cpu" and query.dtype in SUPPORTED_DTYPES and is_available()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
