@@ -8,9 +8,8 @@ Models: img/s for inference at batch 1 and 8 and a training step (forward, backw
 batch 8, 224x224, for every precision (fp32 eager, bf16 autocast, fp32 ``torch.compile``) and,
 for the NA models, every attention route; each cell in a fresh subprocess, the median of
 ``--repeats`` runs after warm-up; "x" is relative to the first baseline in the same precision.
-``--attention fused`` routes the models' ``na2d`` calls to :func:`timm_nat.attention.cpu_fused.na2d_cpu_fused`
-by replacing ``timm_nat.layers.na2d`` in the benchmark process (only there); ``tiled`` is the
-operator as ``na2d`` chooses it. GFLOP/img are counted with ``torch.utils.flop_counter``
+``--attention fused`` / ``tiled`` force the ``cpu_fused`` / ``tiled`` backend of ``na2d`` on CPU
+(:func:`timm_nat.attention.use_backend`); on other devices the operator chooses. GFLOP/img are counted with ``torch.utils.flop_counter``
 (multiply-add = 2 FLOPs, neighborhood attention at its nominal kernel*kernel keys per query).
 
 Ops: NAT-Mini's attention layers (head dim 32, kernel 7, with RPB) for every CPU backend, forward
@@ -107,26 +106,11 @@ def _takes_img_size(model_name: str) -> bool:
     return model_name.startswith(("swin", "vit", "vitrpb", "nat_isotropic", "dinat_isotropic"))
 
 
-def use_fused_attention() -> None:
-    """Route the NA layers' ``na2d`` to the fused CPU kernel in this process (benchmark only; the
-    operator's own backend choice is untouched). Inputs it cannot run go to ``na2d`` as before."""
-    from timm_nat import layers
-    from timm_nat.attention import cpu_fused
-
-    original = layers.na2d
-    if not cpu_fused.is_available():
-        raise RuntimeError("--attention fused: the fused CPU kernel did not build (see the log line above)")
-
-    def pair(x):
-        return (x, x) if isinstance(x, int) else tuple(x)
-
-    def na2d_fused(query, key, value, kernel_size, dilation=1, rpb=None, scale=None):
-        if not cpu_fused.can_run(query, rpb is not None, query.requires_grad):
-            return original(query, key, value, kernel_size, dilation, rpb=rpb, scale=scale)
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        return cpu_fused.na2d_cpu_fused(query, key, value, pair(kernel_size), pair(dilation), rpb, scale)
-
-    layers.na2d = na2d_fused
+def _attention_backend(attention: str, device: str):
+    """The ``na2d`` backend an ``--attention`` route forces (None: the operator's own choice)."""
+    if device != "cpu":
+        return None
+    return {"fused": "cpu_fused", "tiled": "tiled"}[attention]
 
 
 def measure_model(model_name: str, mode: str, batch_size: int, img_size: int, device: str, precision: str,
@@ -135,10 +119,8 @@ def measure_model(model_name: str, mode: str, batch_size: int, img_size: int, de
     import timm
     import torch
 
-    import timm_nat  # noqa: F401
+    from timm_nat.attention import use_backend
 
-    if attention == "fused":
-        use_fused_attention()
     torch.manual_seed(0)
     kwargs = dict(img_size=img_size) if _takes_img_size(model_name) else {}
     model = timm.create_model(model_name, **kwargs).to(device)
@@ -163,7 +145,8 @@ def measure_model(model_name: str, mode: str, batch_size: int, img_size: int, de
         if device == "cuda":
             torch.cuda.synchronize()
 
-    seconds = median_seconds(step, repeats, warmup=2 if precision == "compile" else 1, clock=clock)
+    with use_backend(_attention_backend(attention, device)):
+        seconds = median_seconds(step, repeats, warmup=2 if precision == "compile" else 1, clock=clock)
     return dict(img_s=batch_size / seconds)
 
 
