@@ -169,6 +169,7 @@ class NeighborhoodAttention2d(QkvAttention2d):
         return self.merge_heads(x)
 
     def extra_repr(self) -> str:
+        """Heads, kernel, dilation and whether an RPB table is learnt, for ``repr``."""
         return (f"num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
                 f"rel_pos_bias={self.rpb is not None}")
 
@@ -267,6 +268,7 @@ class RelPosGlobalAttention(QkvAttention2d):
         return self.merge_heads(x)
 
     def extra_repr(self) -> str:
+        """Heads and the native feature map of the bias table, for ``repr``."""
         return f"num_heads={self.num_heads}, feat_size={self.feat_size}"
 
 

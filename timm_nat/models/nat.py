@@ -416,6 +416,7 @@ def _checkpoint_format(state_dict: Dict[str, Any]) -> str:
 
 
 def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """transformers ``Nat``/``Dinat`` naming -> timm naming (query/key/value fused, layer scales split)."""
     out = {}
     qkv_parts = defaultdict(dict)  # fused qkv name -> {'query': w, 'key': w, 'value': w}
     for k, v in state_dict.items():
@@ -438,6 +439,7 @@ def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 
 
 def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``classification/nat.py`` / ``dinat.py`` naming -> timm naming."""
     out = {}
     for k, v in state_dict.items():
         if m := re.match(r'levels\.(\d+)\.blocks\.(\d+)\.(.+)$', k):
