@@ -64,8 +64,7 @@ def _create(golden, tiny_model_kwargs, name: str, layout: str, **kwargs) -> torc
         arch,
         pretrained=True,
         pretrained_cfg_overlay=dict(file=str(_checkpoint_path(golden, name, layout)), num_classes=10),
-        num_classes=10,
-        **dict(arch_kwargs, **kwargs),
+        **{**arch_kwargs, "num_classes": 10, **kwargs},
     )
     return model.eval()
 

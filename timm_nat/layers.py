@@ -16,7 +16,7 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp, resize_rel_pos_bias_table, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp, resize_rel_pos_bias_table, trunc_normal_
 
 from .attention import na2d
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
