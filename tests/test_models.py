@@ -2,11 +2,13 @@
 forward and head, backward, features_only, forward_intermediates, pruning, reset_classifier,
 gradient checkpointing, weight-decay / layer-decay groups, any input size, torch.compile.
 
-The contract runs on narrowed copies of each architecture (its depths, kernel, dilations, patch and
-input size kept, fewer channels): what these tests check does not depend on the width. Real sizes
-appear only where they are the point: every published key layout (``shapes/*.json``) loads strictly
-into its architecture, on the meta device.
+The contract runs on shrunken copies of each architecture (its kernel, dilations, stem, patch, MLP
+ratio, layer scale and input size kept; fewer channels and blocks): what these tests check does not
+depend on width or depth. Real sizes appear only where they are the point: every published key
+layout (``shapes/*.json``) loads strictly into its architecture (and its exact parameter count), on
+the meta device.
 """
+import functools
 import json
 
 import pytest
@@ -36,11 +38,22 @@ def _is_hierarchical(arch: str) -> bool:
     return _family(arch) != "isotropic"
 
 
+@functools.lru_cache(maxsize=None)
+def _shrunk_args(arch: str) -> dict:
+    """Few channels and blocks for ``arch``: two blocks a stage with the stage's own two dilations
+    (DiNAT alternates 1 and the stage's), or four isotropic blocks (dilation on the odd ones)."""
+    if not _is_hierarchical(arch):
+        return dict(embed_dim=32, num_heads=4, depth=4)
+    real = timm.create_model(arch, device="meta")
+    dilations = tuple(tuple(block.attn.dilation[0] for block in stage.blocks[:2]) for stage in real.stages)
+    return dict(embed_dim=16, num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2), dilations=dilations)
+
+
 def _narrow(arch: str, **kwargs) -> torch.nn.Module:
-    """``arch`` with few channels (its depths, kernel, dilations and patch kept), random weights, eval."""
+    """``arch`` with few channels and blocks (its kernel, dilations, stem, patch, MLP ratio, layer
+    scale and default input size kept), random weights, eval."""
     torch.manual_seed(0)
-    narrow = dict(embed_dim=16, num_heads=(1, 2, 4, 8)) if _is_hierarchical(arch) else dict(embed_dim=32, num_heads=4)
-    return timm.create_model(arch, num_classes=NUM_CLASSES, **dict(narrow, **kwargs)).eval()
+    return timm.create_model(arch, num_classes=NUM_CLASSES, **dict(_shrunk_args(arch), **kwargs)).eval()
 
 
 def _trunk(model) -> torch.nn.Sequential:
@@ -134,7 +147,7 @@ def test_forward_intermediates_are_the_trunk_outputs(arch):
         early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
         normed_last = model.forward_intermediates(x, indices=[-1], norm=True, output_fmt="NHWC", intermediates_only=True)
         normed_second = model.forward_intermediates(x, indices=[1], norm=True, output_fmt="NHWC", intermediates_only=True)
-    assert len(intermediates) == len(_trunk(model)) == (4 if _is_hierarchical(arch) else 12)
+    assert len(intermediates) == len(_trunk(model)) == 4
     assert max(max_abs_diff(a, b) for a, b in zip(intermediates, manual)) <= 1e-6
     assert max_abs_diff(final, model.norm(manual[-1].permute(0, 2, 3, 1))) <= 1e-6
     assert max_abs_diff(final, features) == 0.0
