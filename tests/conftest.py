@@ -34,3 +34,39 @@ def _kwargs_from_transformers_config(path: Path) -> dict:
     if "dilations" in config:
         kwargs["dilations"] = tuple(tuple(d) for d in config["dilations"])
     return kwargs
+
+
+# --- helpers shared by the test files (import them: ``from conftest import max_abs_diff``) -------
+
+def max_abs_diff(actual, expected) -> float:
+    """Largest absolute difference of two tensors of the same shape (asserts the shapes agree)."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    return (actual - expected).abs().max().item()
+
+
+def assert_pretrained_cfg_is_registry_entry(model, entry: dict) -> None:
+    """The registry -> timm pretrained cfg check: every published fact of ``entry`` (a
+    ``weights/checkpoints.toml`` table) in ``model.pretrained_cfg``, and the family's conventions
+    pointing at real modules of ``model``."""
+    import torch
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = model.pretrained_cfg
+    assert (cfg["architecture"], cfg["tag"]) == (entry["model"], entry["tag"])
+    assert (cfg.get("url") or None) == entry.get("url")
+    assert "url" not in entry or entry["url"].endswith(".pth")
+    assert cfg.get("hf_hub_id") == entry.get("hf_hub_id")
+    assert cfg.get("hf_hub_filename") == entry.get("hf_hub_filename")
+    assert cfg["num_classes"] == entry["num_classes"] == model.num_classes == model.get_classifier().out_features
+    assert tuple(cfg["input_size"]) == tuple(entry["input_size"])
+    assert cfg["crop_pct"] == entry["crop_pct"]
+    assert cfg["license"] == entry["license"]
+    assert cfg["interpolation"] == "bicubic"
+    assert (cfg["mean"], cfg["std"]) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert isinstance(model.get_submodule(cfg["first_conv"]), torch.nn.Conv2d)
+    assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
+    # pool_size is the model's fact: its final feature map at the published input size
+    reduction = model.feature_info[-1]["reduction"]
+    assert tuple(cfg["pool_size"]) == tuple(s // reduction for s in entry["input_size"][1:])
+    if "top1" in entry:
+        assert f"top-1 {entry['top1']}%" in cfg["description"]

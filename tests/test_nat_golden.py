@@ -1,24 +1,49 @@
-"""The registered NAT/DiNAT models reproduce the golden outputs of the legacy stack (NATTEN 0.17 +
-transformers 4.40) on the golden tiny checkpoints, loaded through timm's public pretrained path,
-in both published layouts (transformers ``pytorch_model.bin`` and the original ``.pth``)."""
-import json
-
+"""Golden tiny checkpoints (random weights, ``../shared/golden/{hf,orig}``) through timm's public
+pretrained path reproduce the outputs of the legacy stack (NATTEN 0.17 + transformers 4.40, and the
+original repository's code): NAT/DiNAT in both published layouts (transformers ``pytorch_model.bin``
+and the original ``.pth``), DiNAT_s and the isotropic models in the original layout. Also what
+loading them promises: every layout accepted, bad checkpoints reported key by key, another head
+size, another number of input channels."""
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers import resize_rel_pos_bias_table
+from timm.models._manipulate import adapt_input_conv
 
 import timm_nat  # noqa: F401  (registers the models)
-from timm_nat.models.nat import checkpoint_filter_fn
-from timm_nat.pretrained import load_registry
+from timm_nat.models import dinat_s, isotropic, nat
 
-ATOL = 1e-4  # README: ~1e-6 expected in fp32, above 1e-4 is a bug
-NUM_INPUTS = 5  # input0..input4, several with maps smaller than kernel x dilation
+from conftest import max_abs_diff
+
+ATOL = 1e-4  # golden README: ~1e-6 expected in fp32, above 1e-4 is a bug
+NUM_INPUTS = 5  # hf/ goldens: input0..input4, several with maps smaller than kernel x dilation
 NUM_STAGES = 4
 
 # golden tiny checkpoint -> registered architecture it is a shrunken copy of
-TINY_CHECKPOINTS = {"nat_test_tiny": "nat_mini", "dinat_test_tiny": "dinat_mini"}
+TINY_CHECKPOINTS = {"nat_test_tiny": "nat_mini", "dinat_test_tiny": "dinat_mini"}  # hf/ and orig/
 LAYOUTS = ("transformers", "original")
+# orig/ only. golden README: DiNAT_s embed 16, depths 2-2-2-2, heads 1-2-4-8, kernel 3, dilations
+# [[1,8],[1,4],[1,2],[1,1]], mlp 2.0; isotropic 128x128 input, patch 16, embed 32, depth 4, heads 4,
+# kernel 3 (DiNAT-iso: dilation 2 on odd layers; ViT-RPB: global attention); 10 classes.
+_TINY_ISOTROPIC = dict(img_size=128, embed_dim=32, depth=4, num_heads=4)
+ORIGINAL_ONLY_TINY = {
+    "dinat_s_test_tiny": ("dinat_s_tiny", dict(
+        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), kernel_size=3,
+        dilations=((1, 8), (1, 4), (1, 2), (1, 1)), mlp_ratio=2.)),
+    "nat_isotropic_test_tiny": ("nat_isotropic_small", dict(_TINY_ISOTROPIC, kernel_size=3)),
+    "dinat_isotropic_test_tiny": ("dinat_isotropic_small", dict(_TINY_ISOTROPIC, kernel_size=3)),
+    "vitrpb_test_tiny": ("vitrpb_small", _TINY_ISOTROPIC),
+}
+GOLDEN_CASES = [(n, layout) for n in TINY_CHECKPOINTS for layout in LAYOUTS] + [(n, "original") for n in ORIGINAL_ONLY_TINY]
+FILTERS = {"nat_test_tiny": nat, "dinat_test_tiny": nat, "dinat_s_test_tiny": dinat_s,
+           "nat_isotropic_test_tiny": isotropic, "dinat_isotropic_test_tiny": isotropic, "vitrpb_test_tiny": isotropic}
+
+
+def _arch_and_kwargs(tiny_model_kwargs, name: str):
+    if name in TINY_CHECKPOINTS:
+        return TINY_CHECKPOINTS[name], tiny_model_kwargs(name)
+    return ORIGINAL_ONLY_TINY[name]
 
 
 def _checkpoint_path(golden, name: str, layout: str):
@@ -35,34 +60,28 @@ def _golden_outputs(golden, name: str, layout: str) -> dict:
 
 def _create(golden, tiny_model_kwargs, name: str, layout: str, **kwargs) -> torch.nn.Module:
     """The public path: timm.create_model(..., pretrained=True) with the checkpoint file as source."""
-    path = _checkpoint_path(golden, name, layout)
+    arch, arch_kwargs = _arch_and_kwargs(tiny_model_kwargs, name)
     model = timm.create_model(
-        TINY_CHECKPOINTS[name],
+        arch,
         pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
-        num_classes=10,
-        **tiny_model_kwargs(name),
-        **kwargs,
+        pretrained_cfg_overlay=dict(file=str(_checkpoint_path(golden, name, layout)), num_classes=10),
+        **{**arch_kwargs, "num_classes": 10, **kwargs},
     )
     return model.eval()
 
 
-def _max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != golden {tuple(expected.shape)}"
-    return (actual - expected).abs().max().item()
-
-
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    diff = _max_abs_diff(actual, expected)
+    diff = max_abs_diff(actual, expected)
     assert diff <= ATOL, f"{what}: max abs diff {diff:.3e} > {ATOL}"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", TINY_CHECKPOINTS)
+@pytest.mark.parametrize("name, layout", GOLDEN_CASES)
 def test_logits_match_golden(golden, tiny_model_kwargs, name, layout):
     model = _create(golden, tiny_model_kwargs, name, layout)
     outputs = _golden_outputs(golden, name, layout)
-    for j in range(NUM_INPUTS):
+    num_inputs = sum(k.startswith("input") for k in outputs)
+    assert num_inputs == (NUM_INPUTS if name in TINY_CHECKPOINTS else 1)
+    for j in range(num_inputs):
         with torch.no_grad():
             logits = model(outputs[f"input{j}"])
         _assert_close(logits, outputs[f"logits{j}"], f"{name} ({layout}) logits{j}")
@@ -134,65 +153,98 @@ def test_golden_inputs_include_padding_cases(golden, tiny_model_kwargs, name):
     assert padded
 
 
-# --- key layouts of every published checkpoint (shapes/*.json), checked on the meta device ---
+# --- ViT-RPB at other resolutions ----------------------------------------------------------------
 
-# original-repo registrations whose ImageNet-22k weights timm-nat files under another architecture
-# (weights/checkpoints.toml: dinat_large.in22k, dinat_large_384_11x11.in22k)
-ORIGINAL_NAME_TO_ARCH = {"dinat_large_21k": "dinat_large", "dinat_large_21k_11x11": "dinat_large_384_11x11"}
-OTHER_FAMILIES = ("orig_dinat_s_", "isotropic", "vitrpb")  # covered by another issue
-
-
-def _nat_family_layouts(golden) -> list:
-    paths = sorted((golden / "shapes").glob("*.json"))
-    selected = [
-        p for p in paths
-        if p.name.startswith(("nat-", "dinat-", "orig_nat_", "orig_dinat_"))
-        and not any(tag in p.name for tag in OTHER_FAMILIES)
-    ]
-    assert selected, f"no NAT/DiNAT layout files in {golden / 'shapes'}"
-    return selected
-
-
-def _architecture_for_layout(layout: dict) -> str:
-    if layout["format"] == "transformers":
-        return _architecture_for_hub_id(layout["repo"])
-    return ORIGINAL_NAME_TO_ARCH.get(layout["model"], layout["model"])
+def test_vitrpb_at_non_native_size_uses_timm_resized_table(golden, tiny_model_kwargs):
+    native = _create(golden, tiny_model_kwargs, "vitrpb_test_tiny", "original")  # 128 input: 8x8 map, 15x15 tables
+    at_160 = _create(golden, tiny_model_kwargs, "vitrpb_test_tiny", "original", img_size=160)  # tables resized on load
+    original = torch.load(golden / "orig" / "vitrpb_test_tiny.pth")
+    for i, block in enumerate(at_160.blocks):
+        expected = resize_rel_pos_bias_table(
+            original[f"layers.{i}.attn.rpb"], new_window_size=(10, 10), new_bias_shape=(4, 19, 19))
+        assert block.attn.rpb.shape == (4, 19, 19)
+        assert torch.equal(block.attn.rpb, expected)
+        assert torch.equal(native.blocks[i].attn.rel_pos_bias_table((10, 10)), expected)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        resized_at_run_time, resized_on_load = native(x), at_160(x)
+    assert torch.isfinite(resized_at_run_time).all()
+    assert max_abs_diff(resized_at_run_time, resized_on_load) <= 1e-6
 
 
-def _architecture_for_hub_id(hub_id: str) -> str:
-    models = {e["model"] for e in load_registry() if e.get("hf_hub_id") == hub_id}
-    assert len(models) == 1, f"{hub_id} should name exactly one registered architecture, got {models}"
-    return models.pop()
+# --- checkpoint filters -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_filter_accepts_every_layout_wrapped_or_not(golden, tiny_model_kwargs, name):
+    model = _create(golden, tiny_model_kwargs, name, "original")
+    expected = model.state_dict()
+    original = torch.load(golden / "orig" / f"{name}.pth")
+    sources = [original, {"state_dict": original}, {"model": original}, dict(expected)]  # the last: timm's own
+    if name in TINY_CHECKPOINTS:
+        hub = torch.load(golden / "hf" / name / "pytorch_model.bin")
+        # a headless transformers NatModel / DinatModel checkpoint has no 'nat.' / 'dinat.' prefix
+        sources += [hub, {k.removeprefix("dinat.").removeprefix("nat."): v for k, v in hub.items()}]
+    for source in sources:
+        converted = FILTERS[name].checkpoint_filter_fn(source, model)
+        assert converted.keys() == expected.keys()
+        assert all(torch.equal(converted[k], v) for k, v in expected.items())
 
 
-def test_layout_files_cover_every_published_checkpoint(golden):
-    """Guard on the selection: every Hub repo in the registry has a layout file, and every
-    registered architecture has an original-layout file."""
-    layouts = [json.loads(p.read_text()) for p in _nat_family_layouts(golden)]
-    registered = set(timm.list_models(module="nat"))
-    hub_ids = {e["hf_hub_id"] for e in load_registry() if e["model"] in registered and "hf_hub_id" in e}
-    assert {layout["repo"] for layout in layouts if layout["format"] == "transformers"} == hub_ids
-    original_archs = {_architecture_for_layout(layout) for layout in layouts if layout["format"] == "original"}
-    assert original_archs == registered
+@pytest.mark.parametrize("name, key, replacement, expected", [
+    ("dinat_test_tiny", "levels.0.blocks.0.attn.relative_position_index", torch.zeros(3),
+     "1 unexpected key(s): stages.0.blocks.0.attn.relative_position_index"),
+    ("dinat_test_tiny", "levels.2.blocks.1.gamma2", None, "1 missing key(s): stages.2.blocks.1.ls2.gamma"),
+    ("dinat_test_tiny", "levels.1.blocks.0.attn.rpb", torch.zeros(2, 7, 7),
+     "stages.1.blocks.0.attn.rpb: checkpoint (2, 7, 7) vs model (2, 5, 5)"),
+    ("dinat_s_test_tiny", "layers.2.downsample.norm.bias", None, "missing key(s): stages.3.downsample.norm.bias"),
+    ("nat_isotropic_test_tiny", "layers.1.attn.rpb", torch.zeros(4, 7, 7),
+     "blocks.1.attn.rpb: checkpoint (4, 7, 7) vs model (4, 5, 5)"),
+])
+def test_filter_lists_every_bad_key(golden, tiny_model_kwargs, name, key, replacement, expected):
+    arch, kwargs = _arch_and_kwargs(tiny_model_kwargs, name)
+    model = timm.create_model(arch, num_classes=10, **kwargs)
+    checkpoint = torch.load(golden / "orig" / f"{name}.pth")
+    if replacement is None:
+        del checkpoint[key]
+    else:
+        checkpoint[key] = replacement
+    with pytest.raises(RuntimeError, match="does not match the model") as info:
+        FILTERS[name].checkpoint_filter_fn(checkpoint, model)
+    assert expected in str(info.value)
 
 
-def test_every_published_layout_maps_onto_its_registered_model(golden):
-    for path in _nat_family_layouts(golden):
-        layout = json.loads(path.read_text())
-        arch = _architecture_for_layout(layout)
-        assert arch in timm.list_models(module="nat"), f"{path.name}: {arch} is not registered"
-        head_key = "classifier.weight" if layout["format"] == "transformers" else "head.weight"
-        num_classes = layout["keys"][head_key][0]
-        model = timm.create_model(arch, device="meta", num_classes=num_classes)
-        checkpoint = {k: torch.empty(shape, device="meta") for k, shape in layout["keys"].items()}
+@pytest.mark.parametrize("name, layout", [
+    ("dinat_test_tiny", "transformers"), ("dinat_s_test_tiny", "original"), ("vitrpb_test_tiny", "original")])
+def test_pretrained_with_another_head_size_reinitialises_only_the_head(golden, tiny_model_kwargs, name, layout):
+    same = _create(golden, tiny_model_kwargs, name, layout)
+    other = _create(golden, tiny_model_kwargs, name, layout, num_classes=5)
+    assert other.get_classifier().out_features == 5
+    same_state, other_state = same.state_dict(), other.state_dict()
+    body = [k for k in same_state if not k.startswith("head.")]
+    assert all(torch.equal(same_state[k], other_state[k]) for k in body)
 
-        converted = checkpoint_filter_fn(checkpoint, model)
 
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in converted.items()}
-        assert sorted(set(got) - set(expected)) == [], f"{path.name}: left over"
-        assert sorted(set(expected) - set(got)) == [], f"{path.name}: missing"
-        assert got == expected, f"{path.name}: shapes differ"
-        num_params = sum(p.numel() for p in model.parameters())
-        assert num_params == layout["num_params"], f"{path.name}: {num_params} params != {layout['num_params']}"
-        model.load_state_dict(converted, strict=True, assign=True)
+@pytest.mark.parametrize("in_chans", [1, 4])
+@pytest.mark.parametrize("name, layout", [
+    ("dinat_test_tiny", "transformers"), ("nat_test_tiny", "original"), ("dinat_s_test_tiny", "original"),
+    ("nat_isotropic_test_tiny", "original"), ("vitrpb_test_tiny", "original")])
+def test_pretrained_with_other_input_channels_adapts_the_first_conv(golden, tiny_model_kwargs, name, layout, in_chans):
+    """Issue 10 #6: ``in_chans != 3`` with pretrained weights failed the strict shape check for
+    every family. timm's ``adapt_input_conv`` sums the RGB filters for one channel and repeats them
+    scaled by 3/4 for four, so a grey image replicated to RGB, or an RGB image padded with a zero
+    channel and scaled by 4/3, gives the 3-channel model's output."""
+    rgb_model = _create(golden, tiny_model_kwargs, name, layout)
+    model = _create(golden, tiny_model_kwargs, name, layout, in_chans=in_chans)
+    first_conv = model.pretrained_cfg["first_conv"] + ".weight"
+    rgb_weight = rgb_model.state_dict()[first_conv]
+    assert torch.equal(model.state_dict()[first_conv], adapt_input_conv(in_chans, rgb_weight))
+    body = [k for k in rgb_model.state_dict() if k != first_conv]
+    assert all(torch.equal(model.state_dict()[k], rgb_model.state_dict()[k]) for k in body)
+    rgb = _golden_outputs(golden, name, layout)["input0"]
+    if in_chans == 1:
+        x = rgb.mean(dim=1, keepdim=True)
+        rgb = x.expand(-1, 3, -1, -1)
+    else:
+        x = torch.cat([rgb, torch.zeros_like(rgb[:, :1])], dim=1) * (4 / 3)
+    with torch.no_grad():
+        assert max_abs_diff(model(x), rgb_model(rgb)) <= 1e-5

@@ -1,6 +1,6 @@
 """``timm.create_model('<arch>.<tag>', pretrained=True)`` resolves the shi-labs Hub repo named in the
 registry, loads its transformers-layout ``pytorch_model.bin`` from the Hub cache (offline), and
-fails with an actionable message when the weights cannot be had."""
+fails with an actionable message when the weights cannot be had (for a file, in every family)."""
 import json
 import os
 import subprocess
@@ -13,6 +13,9 @@ import torch
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat.models.nat import checkpoint_filter_fn
+from timm_nat.pretrained import load_registry
+
+from conftest import assert_pretrained_cfg_is_registry_entry, max_abs_diff
 
 MODEL = "dinat_mini.in1k"
 HUB_ID = "shi-labs/dinat-mini-in1k-224"
@@ -54,8 +57,10 @@ def _run_offline(hub_cache, output_path) -> subprocess.CompletedProcess:
 
 
 def test_registry_names_the_hub_repo():
-    cfg = timm.create_model(MODEL, device="meta").pretrained_cfg
-    assert (cfg["hf_hub_id"], cfg["hf_hub_filename"]) == (HUB_ID, "pytorch_model.bin")
+    model = timm.create_model(MODEL, device="meta")
+    assert (model.pretrained_cfg["hf_hub_id"], model.pretrained_cfg["hf_hub_filename"]) == (HUB_ID, "pytorch_model.bin")
+    entry = next(e for e in load_registry() if f"{e['model']}.{e['tag']}" == MODEL)
+    assert_pretrained_cfg_is_registry_entry(model, entry)
 
 
 def test_pretrained_loads_offline_from_hub_cache(golden, tmp_path):
@@ -72,7 +77,7 @@ def test_pretrained_loads_offline_from_hub_cache(golden, tmp_path):
         expected = direct(torch.randn(*INPUT_SIZE))
     from_hub = torch.load(tmp_path / "logits.pt")
     assert from_hub.shape == (1, 1000)
-    assert (from_hub - expected).abs().max().item() <= 1e-6
+    assert max_abs_diff(from_hub, expected) <= 1e-6
 
 
 def test_pretrained_without_cache_explains_what_to_do(tmp_path):
@@ -87,8 +92,10 @@ def test_pretrained_without_cache_explains_what_to_do(tmp_path):
     assert "https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_mini_in1k_224.pth" in message
 
 
-def test_missing_local_file_explains_what_to_do(tmp_path):
+@pytest.mark.parametrize("arch", ["nat_mini", "dinat_s_tiny", "vitrpb_small"])
+def test_missing_local_file_explains_what_to_do(tmp_path, arch):
     missing = tmp_path / "nowhere" / "pytorch_model.bin"
     with pytest.raises(RuntimeError, match="Could not load pretrained weights") as info:
-        timm.create_model("nat_mini", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+        timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
     assert str(missing) in str(info.value)
+    assert arch in str(info.value) and "pretrained_cfg_overlay" in str(info.value)

@@ -1,17 +1,18 @@
 """The checkpoint registry (``weights/checkpoints.toml``) is the one source of published facts: the
-README's model table, the timm pretrained cfgs and the architectures cannot disagree with it."""
+README's model table, the timm pretrained cfgs (and tags) and the architectures cannot disagree with it."""
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import timm
-from timm.models import get_pretrained_cfg, model_entrypoint
+from timm.models import model_entrypoint
 
 import timm_nat  # noqa: F401  (registers the models)
-from timm_nat.pretrained import load_registry, model_table_markdown, registry_entry_name
+from timm_nat.pretrained import load_registry, registry_entry_name
+
+from conftest import assert_pretrained_cfg_is_registry_entry
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_TOOL = REPO / "tools" / "registry_table.py"
@@ -30,6 +31,9 @@ def _table_tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+model_table_markdown = _table_tool().model_table_markdown
 
 
 def test_readme_table_is_the_registry():
@@ -79,14 +83,21 @@ def test_entries_are_unique_and_have_a_source():
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=registry_entry_name)
 def test_pretrained_cfg_is_the_registry_entry(entry):
-    cfg = get_pretrained_cfg(registry_entry_name(entry)).to_dict()
-    assert cfg.get("hf_hub_id") == entry.get("hf_hub_id")
-    assert cfg.get("hf_hub_filename") == entry.get("hf_hub_filename")
-    assert (cfg.get("url") or None) == entry.get("url")
-    assert cfg["num_classes"] == entry["num_classes"]
-    assert tuple(cfg["input_size"]) == tuple(entry["input_size"])
-    assert cfg["crop_pct"] == entry["crop_pct"]
-    assert cfg["license"] == entry["license"]
+    assert_pretrained_cfg_is_registry_entry(timm.create_model(registry_entry_name(entry), device="meta"), entry)
+
+
+def test_every_registry_checkpoint_is_a_pretrained_tag():
+    assert sorted(registry_entry_name(e) for e in ENTRIES) == sorted(timm.list_pretrained(ARCHITECTURES))
+    assert "dinat_s_large.in22k" in timm.list_pretrained("dinat_s_large*")
+
+
+def test_default_tag_is_the_first_listed():
+    first_tag = {}
+    for e in ENTRIES:
+        first_tag.setdefault(e["model"], e["tag"])
+    assert sorted(first_tag) == ARCHITECTURES
+    for arch, tag in first_tag.items():
+        assert timm.create_model(arch, device="meta").pretrained_cfg["tag"] == tag
 
 
 def test_every_registered_architecture_has_weights_and_every_entry_an_architecture():
@@ -101,15 +112,9 @@ def _params_m(arch: str, num_classes: int) -> float:
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if "params_m" in e], ids=registry_entry_name)
 def test_parameter_count_matches_the_published_one(entry):
+    # Exact counts against the original models: test_models.py::test_published_layout_loads_strictly.
     # Published counts are whole millions to 2-3 significant figures, not always rounded (200M for
     # DiNAT-L's 200.9M and 201.1M, 86M for ViT-RPB-B's 86.6M, 28M for DiNAT_s-T's 28.3M).
     count = _params_m(entry["model"], entry["num_classes"])
     tolerance = max(1.0, 0.01 * entry["params_m"])
     assert abs(count - entry["params_m"]) <= tolerance, f"{count:.2f}M vs published {entry['params_m']}M"
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_parameter_count_is_exactly_the_original_models(golden, arch):
-    # shapes/orig_<arch>.json: the original repository's model (1000 classes), counted exactly
-    layout = json.loads((golden / "shapes" / f"orig_{arch}.json").read_text())
-    assert round(_params_m(arch, 1000) * 1e6) == layout["num_params"]

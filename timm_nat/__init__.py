@@ -1,13 +1,17 @@
 """NAT and DiNAT as timm models, with exact relative-positional-bias neighborhood attention.
 
 Importing ``timm_nat`` registers the models with timm (``timm.create_model('dinat_mini', ...)``).
+Public API: the operator (``na2d``, ``use_backend``, ``available_backends``, ``BACKEND_ENV_VAR``),
+the layers (``NeighborhoodAttention2d``, ``RelPosGlobalAttention``, ``NeighborhoodAttentionBlock``)
+and the model classes (``Nat``, ``NatIsotropic``); ``timm_nat.models`` holds the families.
 """
-from .attention import BACKEND_ENV_VAR, available_backends, na2d, neighborhood_1d, select_backend, use_backend
-from .layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock
+from .attention import BACKEND_ENV_VAR, available_backends, na2d, use_backend
+from .layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock, RelPosGlobalAttention
 from . import models
-from .models import Nat
+from .models import Nat, NatIsotropic
 
 __all__ = [
-    "na2d", "use_backend", "available_backends", "select_backend", "BACKEND_ENV_VAR", "neighborhood_1d",
-    "NeighborhoodAttention2d", "NeighborhoodAttentionBlock", "Nat", "models",
+    "na2d", "use_backend", "available_backends", "BACKEND_ENV_VAR",
+    "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock", "Nat", "NatIsotropic",
+    "models",
 ]

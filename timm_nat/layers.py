@@ -1,23 +1,106 @@
-"""Neighborhood-attention building blocks shared by the NAT-family models (channels-last, NHWC)."""
+"""Attention layers and the transformer block shared by the NAT-family models (channels-last, NHWC).
+
+The models reach the neighborhood-attention operator only through this module:
+* :class:`NeighborhoodAttention2d`: (dilated) neighborhood attention with relative positional bias
+  (NAT, DiNAT, DiNAT_s, isotropic NAT / DiNAT);
+* :class:`RelPosGlobalAttention`: global attention with a relative positional bias (ViT-RPB);
+* :class:`NeighborhoodAttentionBlock`: the pre-norm transformer block around either.
+Both attention layers share :class:`QkvAttention2d` (fused qkv, heads, scale, output projection).
+"""
 from __future__ import annotations
 
 import functools
-
+import numbers
 from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp, resize_rel_pos_bias_table, trunc_normal_
 
 from .attention import na2d
 
-__all__ = ["NeighborhoodAttention2d", "NeighborhoodAttentionBlock"]
+__all__ = ["QkvAttention2d", "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
 
-class NeighborhoodAttention2d(nn.Module):
+def int_pair(name: str, value: IntOrPair, minimum: int) -> Tuple[int, int]:
+    """``value`` (an int or a pair of ints, each ``>= minimum``) as an ``(h, w)`` pair of ints.
+
+    Raises ``TypeError`` / ``ValueError`` naming ``name`` and the value, so that a bad
+    hyper-parameter fails when the model is built rather than at its first forward.
+    """
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} on each axis, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class QkvAttention2d(nn.Module):
+    """Multi-head self-attention over an NHWC map: fused qkv projection, heads, logit scale and
+    output projection; subclasses choose which keys each query sees (their ``forward``)."""
+
+    published_models = "NAT/DiNAT"  # named in the attention-dropout error
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            dim: Channels of input and output.
+            num_heads: Attention heads (must divide ``dim``).
+            qkv_bias: Bias in the fused qkv projection.
+            qk_scale: Logit scale, default ``head_dim ** -0.5``.
+            attn_drop: Dropout on attention probabilities; must be 0 (``na2d`` is fused and never
+                materialises them).
+            proj_drop: Dropout after the output projection.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads < 1:
+            raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+        if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        if attn_drop > 0:
+            raise NotImplementedError(
+                "attention-probability dropout is not supported: the fused na2d operator never materialises "
+                f"the attention probabilities (no published {self.published_models} model used it)")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def split_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of an NHWC map, each ``[batch, height, width, heads, head_dim]`` (``na2d``'s layout)."""
+        batch, height, width, _ = x.shape
+        # fused qkv channels are ordered (q|k|v, head, head_dim)
+        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
+        return qkv.unbind(3)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output ``[batch, height, width, heads, head_dim]`` through the output projection, NHWC."""
+        batch, height, width = x.shape[:3]
+        x = self.proj(x.reshape(batch, height, width, self.num_heads * self.head_dim))
+        return self.proj_drop(x)
+
+
+class NeighborhoodAttention2d(QkvAttention2d):
     """2-D (dilated) neighborhood attention with optional relative positional bias (RPB).
 
     Input and output are NHWC ``[batch, height, width, dim]``. Maps smaller than
@@ -44,8 +127,8 @@ class NeighborhoodAttention2d(nn.Module):
         Args:
             dim: Channels of input and output.
             num_heads: Attention heads (must divide ``dim``).
-            kernel_size: Neighbourhood size, int or (kh, kw).
-            dilation: Dilation, int or (dh, dw).
+            kernel_size: Neighbourhood size, int or (kh, kw), each >= 2.
+            dilation: Dilation, int or (dh, dw), each >= 1.
             qkv_bias: Bias in the fused qkv projection.
             rel_pos_bias: Learn an RPB table ``rpb`` of shape [heads, 2kh-1, 2kw-1].
             qk_scale: Logit scale, default ``head_dim ** -0.5``.
@@ -54,29 +137,18 @@ class NeighborhoodAttention2d(nn.Module):
             proj_drop: Dropout after the output projection.
         """
         dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
-        if attn_drop > 0:
-            raise NotImplementedError(
-                "attention-probability dropout is not supported: the fused na2d operator never materialises "
-                "the attention probabilities (no published NAT/DiNAT model used it)")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
-        self.kernel_size = to_2tuple(kernel_size)
-        self.dilation = to_2tuple(dilation)
+        kernel_size = int_pair("kernel_size", kernel_size, 2)
+        dilation = int_pair("dilation", dilation, 1)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, **dd)
+        self.kernel_size = kernel_size
+        self.dilation = dilation
         # smallest map the operator accepts on each axis
         self.window_size = tuple(k * d for k, d in zip(self.kernel_size, self.dilation))
-
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         if rel_pos_bias:
             kh, kw = self.kernel_size
             self.rpb = nn.Parameter(torch.empty(num_heads, 2 * kh - 1, 2 * kw - 1, **dd))
         else:
             self.register_parameter('rpb', None)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -85,26 +157,119 @@ class NeighborhoodAttention2d(nn.Module):
             trunc_normal_(self.rpb, std=.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = x.shape
+        _, height, width, _ = x.shape
         pad_bottom = max(0, self.window_size[0] - height)
         pad_right = max(0, self.window_size[1] - width)
         if pad_bottom or pad_right:
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-        padded_height, padded_width = height + pad_bottom, width + pad_right
-
-        # fused qkv channels are ordered (q|k|v, head, head_dim), the layout na2d takes directly
-        qkv = self.qkv(x).reshape(batch, padded_height, padded_width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
+        q, k, v = self.split_qkv(x)
         x = na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
-        x = x.reshape(batch, padded_height, padded_width, channels)
         if pad_bottom or pad_right:
-            x = x[:, :height, :width, :]
-        x = self.proj(x)
-        return self.proj_drop(x)
+            x = x[:, :height, :width]
+        return self.merge_heads(x)
 
     def extra_repr(self) -> str:
+        """Heads, kernel, dilation and whether an RPB table is learnt, for ``repr``."""
         return (f"num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
                 f"rel_pos_bias={self.rpb is not None}")
+
+
+def global_attention_dense(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rel_pos_bias: torch.Tensor,
+        scale: float,
+) -> torch.Tensor:
+    """Global attention with RPB over a [B, H, W, heads, D] map, via SDPA and an explicit bias.
+
+    Used where ``na2d`` cannot run (its kernel must be >= 2 per axis, so 1-wide maps); same
+    result: the bias of query (i, j) for key (m, n) is ``rel_pos_bias[:, m - i + H - 1, n - j + W - 1]``.
+    """
+    batch, height, width, heads, head_dim = q.shape
+    rows, cols = torch.arange(height, device=q.device), torch.arange(width, device=q.device)
+    row_offsets = rows[None, :] - rows[:, None] + height - 1  # [query row, key row]
+    col_offsets = cols[None, :] - cols[:, None] + width - 1
+    bias = rel_pos_bias[:, row_offsets[:, None, :, None], col_offsets[None, :, None, :]]  # [heads, H, W, H, W]
+    bias = bias.reshape(heads, height * width, height * width).to(q.dtype)
+    q, k, v = (t.reshape(batch, height * width, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return x.transpose(1, 2).reshape(batch, height, width, heads, head_dim)
+
+
+class RelPosGlobalAttention(QkvAttention2d):
+    """Global multi-head self-attention with a learned relative positional bias (ViT-RPB).
+
+    NHWC in and out. The bias table ``rpb`` [heads, 2H-1, 2W-1] holds one value per relative
+    offset of the native feature map (H, W) (``img_size // patch_size``). Maps of another size
+    use the table resized to [heads, 2h-1, 2w-1] by timm's ``resize_rel_pos_bias_table``
+    (geometric-progression resampling from BEiT, as timm resizes relative position tables of
+    checkpoints), recomputed on every such forward so that it stays differentiable.
+
+    Global attention over an (h, w) map is neighborhood attention with kernel (h, w) (every
+    window is the whole map, bias index = key - query + size - 1), so it runs on ``na2d``.
+    """
+
+    published_models = "ViT-RPB"
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            feat_size: Tuple[int, int],
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            dim: Channels of input and output.
+            num_heads: Attention heads (must divide ``dim``).
+            feat_size: Native feature map (H, W) the bias table is sized for, each >= 1.
+            qkv_bias: Bias in the fused qkv projection.
+            qk_scale: Logit scale, default ``head_dim ** -0.5``.
+            attn_drop: Attention-probability dropout; must be 0 (``na2d`` never materialises them).
+            proj_drop: Dropout after the output projection.
+        """
+        dd = {'device': device, 'dtype': dtype}
+        feat_size = int_pair("feat_size", feat_size, 1)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, **dd)
+        self.feat_size = feat_size
+        height, width = self.feat_size
+        self.rpb = nn.Parameter(torch.empty(num_heads, 2 * height - 1, 2 * width - 1, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the RPB table as published (the linears are initialised by the model)."""
+        trunc_normal_(self.rpb, std=.02)
+
+    def rel_pos_bias_table(self, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The bias table for an (h, w) map: ``rpb`` itself at the native size, else resized."""
+        height, width = feat_size
+        if (height, width) == self.feat_size:
+            return self.rpb
+        return resize_rel_pos_bias_table(
+            self.rpb,
+            new_window_size=(height, width),
+            new_bias_shape=(self.num_heads, 2 * height - 1, 2 * width - 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width, _ = x.shape
+        q, k, v = self.split_qkv(x)
+        rel_pos_bias = self.rel_pos_bias_table((height, width))
+        if height >= 2 and width >= 2:
+            x = na2d(q, k, v, kernel_size=(height, width), rpb=rel_pos_bias, scale=self.scale)
+        else:
+            x = global_attention_dense(q, k, v, rel_pos_bias, self.scale)
+        return self.merge_heads(x)
+
+    def extra_repr(self) -> str:
+        """Heads and the native feature map of the bias table, for ``repr``."""
+        return f"num_heads={self.num_heads}, feat_size={self.feat_size}"
 
 
 class NeighborhoodAttentionBlock(nn.Module):
@@ -143,8 +308,9 @@ class NeighborhoodAttentionBlock(nn.Module):
             attn_drop: Attention-probability dropout (must be 0, see NeighborhoodAttention2d).
             drop_path: Stochastic depth rate.
             attn_layer: Build the attention with this instead of :class:`NeighborhoodAttention2d`
-                (called with ``dim, num_heads=, qkv_bias=, attn_drop=, proj_drop=``; e.g. ViT-RPB's
-                global attention); ``kernel_size``, ``dilation`` and ``rel_pos_bias`` then do not apply.
+                (called with ``dim, num_heads=, qkv_bias=, attn_drop=, proj_drop=``; e.g.
+                :class:`RelPosGlobalAttention`); ``kernel_size``, ``dilation`` and ``rel_pos_bias``
+                then do not apply.
         """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()

@@ -18,7 +18,6 @@ __all__ = [
     "registry_default_cfgs",
     "weights_unavailable_error",
     "registry_entry_name",
-    "model_table_markdown",
     "published_summary",
 ]
 
@@ -76,8 +75,6 @@ def _cfg_fields(entry: Dict[str, Any]) -> Dict[str, Any]:
         url=entry.get("url", ""),
         num_classes=entry["num_classes"],
         input_size=input_size,
-        # final map of these 32x-reducing backbones (timm records it for the head)
-        pool_size=(input_size[1] // 32, input_size[2] // 32),
         crop_pct=entry["crop_pct"],
         license=entry["license"],
         paper_ids=entry["paper"].replace("arxiv:", "arXiv:"),
@@ -97,7 +94,8 @@ def registry_default_cfgs(
     ``timm.models.generate_default_cfgs``.
 
     ``make_cfg(**fields)`` is the model family's ``_cfg`` (its fixed conventions: mean/std,
-    interpolation, first conv, classifier); ``fields`` come from the registry. Registry order is
+    interpolation, first conv, classifier, and ``pool_size``, which follows from the model's
+    reduction); ``fields`` come from the registry. Registry order is
     kept, so an architecture's first listed tag is its default.
     """
     return {f"{e['model']}.{e['tag']}": make_cfg(**_cfg_fields(e)) for e in registry_entries(architectures)}
@@ -141,30 +139,3 @@ def weights_unavailable_error(model_name: str, pretrained_cfg: Dict[str, Any], c
 def registry_entry_name(entry: Dict[str, Any]) -> str:
     """timm name ``arch.tag`` of a registry entry."""
     return f"{entry['model']}.{entry['tag']}"
-
-
-def _published(value: Any) -> str:
-    """A published number as published (``20.0`` -> ``20``), or ``-`` when none was published."""
-    return "-" if value is None else f"{value:g}"
-
-
-def _weights_link(entry: Dict[str, Any]) -> str:
-    if "hf_hub_id" in entry:
-        return f"[{entry['hf_hub_id']}](https://huggingface.co/{entry['hf_hub_id']})"
-    return f"[{entry['url'].rsplit('/', 1)[-1]}]({entry['url']}) (original .pth)"
-
-
-def model_table_markdown(entries: Sequence[Dict[str, Any]] | None = None) -> str:
-    """Markdown table of every registry entry (the README's model table is exactly this)."""
-    entries = load_registry() if entries is None else entries
-    rows = [
-        "| model | weights | classes | input | crop | top-1 (%) | params (M) | GFLOPs | license |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for e in entries:
-        _, height, width = e["input_size"]
-        rows.append(
-            f"| `{registry_entry_name(e)}` | {_weights_link(e)} | {e['num_classes']} | {height}x{width} "
-            f"| {_published(e['crop_pct'])} | {_published(e.get('top1'))} | {_published(e.get('params_m'))} "
-            f"| {_published(e.get('gflops'))} | {e['license']} |")
-    return "\n".join(rows) + "\n"

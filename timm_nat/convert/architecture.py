@@ -245,7 +245,7 @@ def _fit(arch: str, kwargs: Kwargs, state_dict: StateDict) -> int:
     classifier = model.pretrained_cfg.get('classifier') or 'head.fc'
     head = converted.get(f'{classifier}.weight')
     num_classes = head.shape[0] if head is not None else 0
-    problems = state_dict_problems(converted, _meta_model(arch, **dict(kwargs, num_classes=num_classes)), skip=())
+    problems = state_dict_problems(converted, _meta_model(arch, **dict(kwargs, num_classes=num_classes)), skip_keys=())
     if problems:
         raise _Misfit(f"{arch}: checkpoint does not match the model: {'. '.join(problems)}")
     return num_classes

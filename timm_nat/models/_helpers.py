@@ -1,26 +1,49 @@
-"""Helpers shared by the model families: building with a helpful download error, checkpoint
-unwrapping and the strict key/shape check of remapped checkpoints."""
-from typing import Any, Dict, List, Sequence, Tuple, Type
+"""Helpers shared by the model families: their pretrained cfg, building with a helpful download
+error, and the checkpoint plumbing every family's ``checkpoint_filter_fn`` uses (unwrapping,
+renames shared by the published layouts, input-channel adaptation, the strict key/shape check)."""
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
+from timm.models._manipulate import adapt_input_conv
 
 from .._offline import cached_hub_file, hub_offline_mode, hub_unreachable_reason
 from ..pretrained import weights_unavailable_error
 
-__all__ = ['build_model_or_explain', 'check_state_dict_fits', 'state_dict_problems', 'unwrap_state_dict']
+__all__ = [
+    'family_cfg', 'build_model_or_explain', 'unwrap_state_dict', 'downsample_to_next_stage',
+    'original_head_key', 'adapt_input_conv_weight', 'state_dict_problems', 'check_state_dict_fits', 'init_weights',
+]
 
 _CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
+_ORIGIN_URL = 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer'
 
 
-def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
-    """The state dict inside ``{'model': ...}`` / ``{'state_dict': ...}`` training checkpoints (or itself)."""
-    for wrapper in ('model', 'state_dict'):
-        if isinstance(checkpoint.get(wrapper), dict):
-            checkpoint = checkpoint[wrapper]
-    return checkpoint
+def family_cfg(url: str = '', *, first_conv: str, reduction: int, **kwargs) -> Dict[str, Any]:
+    """A family's timm pretrained cfg: its fixed conventions plus the registry's facts (``kwargs``).
+
+    Args:
+        url: Weights URL (original ``.pth``), if any.
+        first_conv: The family's input conv (timm adapts it for ``in_chans != 3``).
+        reduction: Stride of the family's final feature map, from which ``pool_size`` follows.
+        **kwargs: Facts of one registry entry (``input_size``, ``num_classes``, ``hf_hub_id``, ...).
+    """
+    cfg = {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224),
+        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': first_conv, 'classifier': 'head.fc',
+        'origin_url': _ORIGIN_URL,
+        **kwargs,
+    }
+    cfg['pool_size'] = tuple(s // reduction for s in cfg['input_size'][1:])
+    return cfg
 
 
 def build_model_or_explain(model_cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
@@ -75,20 +98,72 @@ def _offline_hub_weights_as_file(variant: str, kwargs: Dict[str, Any]) -> Dict[s
     return {**kwargs, 'pretrained_cfg_overlay': {**(kwargs.get('pretrained_cfg_overlay') or {}), 'file': cached}}
 
 
+def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The state dict inside ``{'model': ...}`` / ``{'state_dict': ...}`` training checkpoints (or itself)."""
+    for wrapper in ('model', 'state_dict'):
+        if isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+    return checkpoint
+
+
+def downsample_to_next_stage(key: str, level_prefix: str) -> Optional[str]:
+    """``{level_prefix}{i}.downsample.<rest>`` as timm's ``stages.{i+1}.downsample.<rest>``; None for other keys.
+
+    The published hierarchical layouts (NAT/DiNAT original and transformers, DiNAT_s) downsample at
+    the end of level i; timm (as its Swin) downsamples at the start of stage i + 1.
+    """
+    if m := re.match(re.escape(level_prefix) + r'(\d+)\.downsample\.(.+)$', key):
+        return f'stages.{int(m[1]) + 1}.downsample.{m[2]}'
+    return None
+
+
+def original_head_key(key: str) -> str:
+    """The original repository's classifier ``head.<param>`` as timm's ``head.fc.<param>`` (others unchanged)."""
+    if key.startswith('head.') and not key.startswith('head.fc.'):
+        return 'head.fc.' + key[len('head.'):]
+    return key
+
+
+def adapt_input_conv_weight(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        first_conv: str,
+) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with the ``first_conv`` weight adapted to the model's input channels.
+
+    When the checkpoint's conv has other input channels than the model's (``in_chans != 3``), the
+    weight goes through timm's ``adapt_input_conv`` here, before the strict shape check (timm's
+    loader would adapt it only after the filter, and then sees matching shapes and leaves it).
+    Any other shape difference is left for :func:`check_state_dict_fits` to report.
+    """
+    key = f'{first_conv}.weight'
+    weight, target = state_dict.get(key), model.get_submodule(first_conv).weight
+    if weight is None or weight.dim() != 4 or target.dim() != 4:
+        return state_dict
+    other_dims_match = (weight.shape[0], *weight.shape[2:]) == (target.shape[0], *target.shape[2:])
+    if weight.shape[1] != target.shape[1] and other_dims_match:
+        state_dict = dict(state_dict)
+        state_dict[key] = adapt_input_conv(target.shape[1], weight, base_chans=weight.shape[1])
+    return state_dict
+
+
 def state_dict_problems(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
-        skip: Sequence[str] = _CLASSIFIER_KEYS,
+        skip_keys: Sequence[str] = _CLASSIFIER_KEYS,
 ) -> List[str]:
-    """Every unexpected, missing or mis-shaped key of ``state_dict`` against ``model`` (``skip`` keys
-    aside), one sentence per kind (``'2 missing key(s): a, b'``); empty when it fits exactly."""
+    """Every way ``state_dict`` does not fit ``model`` (keys in ``skip_keys`` aside), one string per kind.
+
+    Empty when it loads strictly; otherwise e.g. ``'1 missing key(s): stages.2.blocks.1.ls2.gamma'``
+    or ``'1 shape mismatch(es): k: checkpoint (2, 7, 7) vs model (2, 5, 5)'``.
+    """
     expected = model.state_dict()
-    leftover = [k for k in state_dict if k not in expected and k not in skip]
-    missing = [k for k in expected if k not in state_dict and k not in skip]
+    leftover = [k for k in state_dict if k not in expected and k not in skip_keys]
+    missing = [k for k in expected if k not in state_dict and k not in skip_keys]
     mismatched = [
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
         for k, v in state_dict.items()
-        if k in expected and k not in skip and v.shape != expected[k].shape]
+        if k in expected and k not in skip_keys and v.shape != expected[k].shape]
     problems = []
     if leftover:
         problems.append(f"{len(leftover)} unexpected key(s): {', '.join(leftover)}")
@@ -109,3 +184,11 @@ def check_state_dict_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     if problems:
         raise RuntimeError(
             "checkpoint does not match the model (wrong architecture or arguments?): " + ". ".join(problems))
+
+
+def init_weights(module: nn.Module, name: str = '') -> None:
+    """Published init: truncated-normal linears with zero bias (norms, convs, RPB init themselves)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -13,21 +13,26 @@ stages 1..3, so stage outputs (``feature_info``, ``forward_intermediates``) are 
 a detection backbone taps. Maps smaller than kernel x dilation are padded by the attention layer
 (the original refused them).
 """
+import functools
 import re
 from typing import Any, Dict, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from ..pretrained import registry_default_cfgs
-from ._helpers import check_state_dict_fits, unwrap_state_dict
+from ._helpers import (
+    adapt_input_conv_weight, check_state_dict_fits, downsample_to_next_stage, family_cfg, original_head_key,
+    unwrap_state_dict,
+)
 from .nat import Nat, _create_nat, dinat_dilations
 
-__all__ = ['swin_patch_stem']  # the model class is Nat; checkpoint_filter_fn stays module-level
+__all__ = ['swin_patch_stem']  # the model class is Nat; checkpoint_filter_fn, remap_checkpoint stay module-level
+
+_FIRST_CONV = 'patch_embed.proj'
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
@@ -61,11 +66,8 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
     for k, v in state_dict.items():
         if m := re.match(r'layers\.(\d+)\.blocks\.(.+)$', k):
             k = f'stages.{m[1]}.blocks.{m[2]}'
-        elif m := re.match(r'layers\.(\d+)\.downsample\.(.+)$', k):
-            # the original merges at the end of a layer, timm at the start of the next stage
-            k = f'stages.{int(m[1]) + 1}.downsample.{m[2]}'
-        elif k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
+        else:
+            k = downsample_to_next_stage(k, 'layers.') or original_head_key(k)
         out[k] = v
     return out
 
@@ -84,17 +86,18 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """:func:`remap_checkpoint`, then a strict check against ``model``.
+    """:func:`remap_checkpoint`, the patch embedding adapted to the model's ``in_chans``, then a strict check.
 
     Raises listing every unexpected, missing or wrongly shaped key (the classifier is left to
     timm's loader, which drops or keeps it by ``num_classes``).
     """
-    state_dict = remap_checkpoint(state_dict)
+    state_dict = adapt_input_conv_weight(remap_checkpoint(state_dict), model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
 
 def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs) -> Nat:
+    """Build a registered DiNAT_s variant: ``Nat`` with Swin's patch embedding and merging."""
     return _create_nat(
         variant, pretrained, filter_fn=checkpoint_filter_fn,
         stem_layer=swin_patch_stem, downsample_layer=PatchMerging, **kwargs)
@@ -104,17 +107,7 @@ def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs) -> Nat:
 # Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
-        'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
-        **kwargs,
-    }
-
+_cfg = functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=32)
 
 _ARCHITECTURES = ('dinat_s_tiny', 'dinat_s_small', 'dinat_s_base', 'dinat_s_large', 'dinat_s_large_384')
 

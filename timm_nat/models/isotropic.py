@@ -21,130 +21,25 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, PatchEmbed, calculate_drop_path_rates, get_device_dtype,
-    resize_rel_pos_bias_table, to_2tuple, trunc_normal_,
+    ClassifierHead, PatchEmbed, calculate_drop_path_rates, resize_rel_pos_bias_table, to_2tuple,
 )
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ..attention import na2d
-from ..layers import NeighborhoodAttentionBlock
+from .._timm_compat import get_device_dtype, reset_classifier_head
+from ..layers import NeighborhoodAttentionBlock, RelPosGlobalAttention
 from ..pretrained import registry_default_cfgs
-from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
+from ._helpers import (
+    adapt_input_conv_weight, build_model_or_explain, check_state_dict_fits, family_cfg, init_weights,
+    original_head_key, unwrap_state_dict,
+)
 
-__all__ = ['NatIsotropic', 'RelPosGlobalAttention']  # checkpoint_filter_fn stays module-level
+__all__ = ['NatIsotropic', 'RelPosGlobalAttention']  # checkpoint_filter_fn, remap_checkpoint stay module-level
 
-
-def _global_attention_dense(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rel_pos_bias: torch.Tensor,
-        scale: float,
-) -> torch.Tensor:
-    """Global attention with RPB over a [B, H, W, heads, D] map, via SDPA and an explicit bias.
-
-    Used where ``na2d`` cannot run (its kernel must be >= 2 per axis, so 1-wide maps); same
-    result: the bias of query (i, j) for key (m, n) is ``rel_pos_bias[:, m - i + H - 1, n - j + W - 1]``.
-    """
-    batch, height, width, heads, head_dim = q.shape
-    rows, cols = torch.arange(height, device=q.device), torch.arange(width, device=q.device)
-    row_offsets = rows[None, :] - rows[:, None] + height - 1  # [query row, key row]
-    col_offsets = cols[None, :] - cols[:, None] + width - 1
-    bias = rel_pos_bias[:, row_offsets[:, None, :, None], col_offsets[None, :, None, :]]  # [heads, H, W, H, W]
-    bias = bias.reshape(heads, height * width, height * width).to(q.dtype)
-    q, k, v = (t.reshape(batch, height * width, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    return x.transpose(1, 2).reshape(batch, height, width, heads, head_dim)
-
-
-class RelPosGlobalAttention(nn.Module):
-    """Global multi-head self-attention with a learned relative positional bias (ViT-RPB).
-
-    NHWC in and out. The bias table ``rpb`` [heads, 2H-1, 2W-1] holds one value per relative
-    offset of the native feature map (H, W) (``img_size // patch_size``). Maps of another size
-    use the table resized to [heads, 2h-1, 2w-1] by timm's ``resize_rel_pos_bias_table``
-    (geometric-progression resampling from BEiT, as timm resizes relative position tables of
-    checkpoints), recomputed on every such forward so that it stays differentiable.
-
-    Global attention over an (h, w) map is neighborhood attention with kernel (h, w) (every
-    window is the whole map, bias index = key - query + size - 1), so it runs on ``na2d``.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            feat_size: Tuple[int, int],
-            qkv_bias: bool = True,
-            qk_scale: Optional[float] = None,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            device=None,
-            dtype=None,
-    ):
-        """
-        Args:
-            dim: Channels of input and output.
-            num_heads: Attention heads (must divide ``dim``).
-            feat_size: Native feature map (H, W) the bias table is sized for.
-            qkv_bias: Bias in the fused qkv projection.
-            qk_scale: Logit scale, default ``head_dim ** -0.5``.
-            attn_drop: Attention-probability dropout; must be 0 (``na2d`` never materialises them).
-            proj_drop: Dropout after the output projection.
-        """
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
-        if attn_drop > 0:
-            raise NotImplementedError(
-                "attention-probability dropout is not supported: the fused na2d operator never materialises "
-                "the attention probabilities (no published ViT-RPB model used it)")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale or self.head_dim ** -0.5
-        self.feat_size = to_2tuple(feat_size)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        height, width = self.feat_size
-        self.rpb = nn.Parameter(torch.empty(num_heads, 2 * height - 1, 2 * width - 1, **dd))
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Initialise the RPB table as published (the linears are initialised by the model)."""
-        trunc_normal_(self.rpb, std=.02)
-
-    def rel_pos_bias_table(self, feat_size: Tuple[int, int]) -> torch.Tensor:
-        """The bias table for an (h, w) map: ``rpb`` itself at the native size, else resized."""
-        height, width = feat_size
-        if (height, width) == self.feat_size:
-            return self.rpb
-        return resize_rel_pos_bias_table(
-            self.rpb,
-            new_window_size=(height, width),
-            new_bias_shape=(self.num_heads, 2 * height - 1, 2 * width - 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(3)
-        rel_pos_bias = self.rel_pos_bias_table((height, width))
-        if height >= 2 and width >= 2:
-            x = na2d(q, k, v, kernel_size=(height, width), rpb=rel_pos_bias, scale=self.scale)
-        else:
-            x = _global_attention_dense(q, k, v, rel_pos_bias, self.scale)
-        x = self.proj(x.reshape(batch, height, width, channels))
-        return self.proj_drop(x)
-
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, feat_size={self.feat_size}"
+_FIRST_CONV = 'patch_embed.proj'
+_PATCH_SIZE = 16
 
 
 class NatIsotropic(nn.Module):
@@ -241,7 +136,7 @@ class NatIsotropic(nn.Module):
             input_fmt=self.output_fmt,
             **dd,
         )
-        named_apply(_init_weights, self)
+        named_apply(init_weights, self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -270,7 +165,7 @@ class NatIsotropic(nn.Module):
         """Replace the classifier (``num_classes=0`` removes it); optionally change the pooling."""
         dd = get_device_dtype(self)
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
+        reset_classifier_head(self.head, num_classes, global_pool, self.num_features, **dd)
         self.head_hidden_size = self.head.num_features
         if global_pool is not None:
             self.global_pool = global_pool
@@ -354,14 +249,6 @@ class NatIsotropic(nn.Module):
         return x
 
 
-def _init_weights(module: nn.Module, name: str = '') -> None:
-    """Published init: truncated-normal linears with zero bias (norms, convs, RPB init themselves)."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``classification/isotropic.py`` naming -> timm naming, without the derived index buffers."""
     out = {}
@@ -370,8 +257,8 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
             continue  # ViT-RPB's persistent buffer: derived from the map size, not learned
         if m := re.match(r'layers\.(\d+)\.(.+)$', k):
             k = f'blocks.{m[1]}.{m[2]}'
-        elif k.startswith('head.') and not k.startswith('head.fc.'):
-            k = 'head.fc.' + k[len('head.'):]
+        else:
+            k = original_head_key(k)
         out[k] = v
     return out
 
@@ -399,7 +286,8 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """:func:`remap_checkpoint`, ViT-RPB tables resized to ``model``, then a strict check.
+    """:func:`remap_checkpoint`, ViT-RPB tables resized and the patch embedding adapted to ``model``
+    (its ``img_size`` and ``in_chans``), then a strict check.
 
     ViT-RPB bias tables made for another feature-map size (e.g. 224 weights into ``img_size=384``)
     are resized with timm's ``resize_rel_pos_bias_table``. Raises listing every unexpected,
@@ -407,11 +295,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     it by ``num_classes``).
     """
     state_dict = _resize_global_rpb(remap_checkpoint(state_dict), model)
+    state_dict = adapt_input_conv_weight(state_dict, model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
 
 def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NatIsotropic:
+    """Build a registered isotropic variant (``features_only`` maps: the last block outputs)."""
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_or_explain(
         NatIsotropic, variant, pretrained,
@@ -425,22 +315,8 @@ def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NatIs
 # Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
 # ----------------------------------------------------------------------------------------------
 
-_PATCH_SIZE = 16
-
-
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    cfg = {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224),
-        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head.fc',
-        'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
-        **kwargs,
-    }
-    # the final map of these models is 1/16 of the input (the registry's pool_size assumes 1/32)
-    cfg['pool_size'] = tuple(s // _PATCH_SIZE for s in cfg['input_size'][1:])
-    return cfg
+# the final map of these models is 1/16 of the input (the patch size)
+_cfg = functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=_PATCH_SIZE)
 
 
 _ARCHITECTURES = (

@@ -12,23 +12,29 @@ Layout follows timm's Swin: channels-last inside the stages, the downsampler at 
 stages 1..3, so stage outputs (``feature_info``, ``forward_intermediates``) are the
 pre-downsample maps a detection backbone taps.
 """
+import functools
 import re
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.layers import ClassifierHead, calculate_drop_path_rates
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models._registry import generate_default_cfgs, register_model
 
+from .._timm_compat import get_device_dtype, reset_classifier_head
 from ..layers import NeighborhoodAttentionBlock
 from ..pretrained import registry_default_cfgs
-from ._helpers import build_model_or_explain, check_state_dict_fits, unwrap_state_dict
+from ._helpers import (
+    adapt_input_conv_weight, build_model_or_explain, check_state_dict_fits, downsample_to_next_stage, family_cfg,
+    init_weights, original_head_key, unwrap_state_dict,
+)
 
 __all__ = ['Nat', 'checkpoint_filter_fn', 'remap_checkpoint']
+
+_FIRST_CONV = 'patch_embed.proj.0'  # the first of the stem's two convs
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
@@ -238,7 +244,7 @@ class Nat(nn.Module):
             input_fmt=self.output_fmt,
             **dd,
         )
-        named_apply(_init_weights, self)
+        named_apply(init_weights, self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -272,7 +278,7 @@ class Nat(nn.Module):
         """Replace the classifier (``num_classes=0`` removes it); optionally change the pooling."""
         dd = get_device_dtype(self)
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **dd)
+        reset_classifier_head(self.head, num_classes, global_pool, self.num_features, **dd)
         self.head_hidden_size = self.head.num_features
         if global_pool is not None:
             self.global_pool = global_pool
@@ -369,14 +375,6 @@ def _check_stage_args(depths, num_heads, dilations) -> None:
             f"got {[tuple(d) for d in dilations]}")
 
 
-def _init_weights(module: nn.Module, name: str = '') -> None:
-    """Published init: truncated-normal linears with zero bias (norms, convs, RPB init themselves)."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoint conversion: transformers (shi-labs/* Hub) and original (.pth) layouts -> timm
 # ----------------------------------------------------------------------------------------------
@@ -391,10 +389,18 @@ _TRANSFORMERS_BLOCK_RENAMES = (
     ('intermediate.dense.', 'mlp.fc1.'),
     ('output.dense.', 'mlp.fc2.'),
 )
+# the rest of the transformers model, outside the blocks and downsamplers
+_TRANSFORMERS_RENAMES = (
+    ('embeddings.patch_embeddings.projection.', 'patch_embed.proj.'),
+    ('embeddings.norm.', 'patch_embed.norm.'),
+    ('layernorm.', 'norm.'),
+    ('classifier.', 'head.fc.'),
+)
 _ORIGINAL_BLOCK_RENAMES = (('gamma1', 'ls1.gamma'), ('gamma2', 'ls2.gamma'))
 
 
 def _rename_prefix(rest: str, renames) -> str:
+    """``rest`` with the first matching ``(old, new)`` prefix replaced (unchanged if none matches)."""
     for old, new in renames:
         if rest.startswith(old):
             return new + rest[len(old):]
@@ -411,6 +417,7 @@ def _checkpoint_format(state_dict: Dict[str, Any]) -> str:
 
 
 def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """transformers ``Nat``/``Dinat`` naming -> timm naming (query/key/value fused, layer scales split)."""
     out = {}
     qkv_parts = defaultdict(dict)  # fused qkv name -> {'query': w, 'key': w, 'value': w}
     for k, v in state_dict.items():
@@ -423,16 +430,8 @@ def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
                 qkv_parts[f'{block}attn.qkv.{qkv[2]}'][qkv[1]] = v
             else:
                 out[block + _rename_prefix(rest, _TRANSFORMERS_BLOCK_RENAMES)] = v
-        elif m := re.match(r'encoder\.levels\.(\d+)\.downsample\.(.+)$', k):
-            # transformers downsamples at the end of a level, timm at the start of the next stage
-            out[f'stages.{int(m[1]) + 1}.downsample.{m[2]}'] = v
         else:
-            out[_rename_prefix(k, (
-                ('embeddings.patch_embeddings.projection.', 'patch_embed.proj.'),
-                ('embeddings.norm.', 'patch_embed.norm.'),
-                ('layernorm.', 'norm.'),
-                ('classifier.', 'head.fc.'),
-            ))] = v
+            out[downsample_to_next_stage(k, 'encoder.levels.') or _rename_prefix(k, _TRANSFORMERS_RENAMES)] = v
     for name, parts in qkv_parts.items():
         if set(parts) != {'query', 'key', 'value'}:
             raise RuntimeError(f"incomplete query/key/value for {name}: only {sorted(parts)} in the checkpoint")
@@ -441,14 +440,13 @@ def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 
 
 def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``classification/nat.py`` / ``dinat.py`` naming -> timm naming."""
     out = {}
     for k, v in state_dict.items():
         if m := re.match(r'levels\.(\d+)\.blocks\.(\d+)\.(.+)$', k):
             k = f'stages.{m[1]}.blocks.{m[2]}.' + _rename_prefix(m[3], _ORIGINAL_BLOCK_RENAMES)
-        elif m := re.match(r'levels\.(\d+)\.downsample\.(.+)$', k):
-            k = f'stages.{int(m[1]) + 1}.downsample.{m[2]}'
-        elif k.startswith('head.'):
-            k = 'head.fc.' + k[len('head.'):]
+        else:
+            k = downsample_to_next_stage(k, 'levels.') or original_head_key(k)
         out[k] = v
     return out
 
@@ -472,12 +470,12 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """:func:`remap_checkpoint`, then a strict check against ``model``.
+    """:func:`remap_checkpoint`, the stem adapted to the model's ``in_chans``, then a strict check.
 
     Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
     see :func:`._helpers.check_state_dict_fits`).
     """
-    state_dict = remap_checkpoint(state_dict)
+    state_dict = adapt_input_conv_weight(remap_checkpoint(state_dict), model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
@@ -497,16 +495,7 @@ def _create_nat(variant: str, pretrained: bool = False, filter_fn=checkpoint_fil
 # Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
 # ----------------------------------------------------------------------------------------------
 
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj.0', 'classifier': 'head.fc',
-        'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
-        **kwargs,
-    }
+_cfg = functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=32)
 
 
 _ARCHITECTURES = (
