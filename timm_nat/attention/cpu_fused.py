@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 from typing import Optional
@@ -58,7 +59,9 @@ def _load() -> Optional[str]:
     start = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
-        load(name=f"timm_nat_na2d_cpu_{capability.lower()}", sources=[_SOURCE], extra_cflags=flags,
+        # one build per torch version too: an extension built against other torch headers must not be reused
+        torch_tag = re.sub(r"\W", "_", torch.__version__)
+        load(name=f"timm_nat_na2d_cpu_{capability.lower()}_torch_{torch_tag}", sources=[_SOURCE], extra_cflags=flags,
              is_python_module=False, verbose=False)
     except Exception as error:  # compiler errors, missing headers, ninja: all mean "use tiled"
         lines = str(error).strip().splitlines() or ["?"]
