@@ -5,6 +5,7 @@ Importing ``timm_nat`` registers the models with timm (``timm.create_model('dina
 from .attention import BACKEND_ENV_VAR, available_backends, na2d, neighborhood_1d, select_backend, use_backend
 from .layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock
 from . import models
+from . import _fx  # noqa: F401  (attention layers become torch.fx leaves)
 from .models import Nat
 
 __all__ = [
