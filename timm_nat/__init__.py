@@ -8,6 +8,7 @@ and the model classes (``Nat``, ``NatIsotropic``); ``timm_nat.models`` holds the
 from .attention import BACKEND_ENV_VAR, available_backends, na2d, use_backend
 from .layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock, RelPosGlobalAttention
 from . import models
+from . import _fx  # noqa: F401  (attention layers become torch.fx leaves)
 from .models import Nat, NatIsotropic
 
 __all__ = [

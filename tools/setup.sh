@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Developer set-up; a no-op when nothing changed.
-#   bash tools/setup.sh          ./.venv: pinned torch/torchvision, NATTEN, timm-nat (editable) and pytest
+#   bash tools/setup.sh          ./.venv: pinned torch/torchvision, NATTEN, timm-nat (editable), its test and framework extras
 #   bash tools/setup.sh --floor  ./.venv-floor: the lowest torch / timm that pyproject.toml allows, no NATTEN
 #                                (what CI's `floor` tests run on)
 #
@@ -20,11 +20,13 @@ if [ "${1:-}" = "--floor" ]; then
     TORCH="torch==2.11.0 torchvision==0.26.0"
     TIMM="timm==1.0.21"
     NATTEN=""
+    EXTRAS="test"
 else
     VENV=.venv
     TORCH="torch==2.15.0 torchvision==0.29.2"
     TIMM=""
     NATTEN="natten==0.21.7"
+    EXTRAS="test,frameworks"
 fi
 
 stamp=$VENV/.timm-nat-setup
@@ -43,7 +45,7 @@ pip() {  # quiet pip that keeps its exit status (and drops this machine's find-l
 echo "setup: installing $TORCH $TIMM $NATTEN and timm-nat into $VENV (several GB on first run)"
 pip install $TORCH $TIMM
 [ -z "$NATTEN" ] || pip install --no-build-isolation $NATTEN
-pip install -e ".[test]" $TORCH $TIMM  # the pins again, so that resolving timm-nat keeps them
+pip install -e ".[$EXTRAS]" $TORCH $TIMM  # the pins again, so that resolving timm-nat keeps them
 $VENV/bin/python -c "import torch, torchvision, timm, timm_nat" \
     || { echo "setup: $VENV is incomplete (see pip output above)" >&2; exit 1; }
 [ -z "$NATTEN" ] || $VENV/bin/python -c "import natten" \
