@@ -19,25 +19,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, resize_rel_pos_bias_table, trunc_normal_
 
 from .attention import na2d
+from .attention.functional import int_pair
 
 __all__ = ["QkvAttention2d", "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock"]
 
 IntOrPair = Union[int, Tuple[int, int]]
-
-
-def int_pair(name: str, value: IntOrPair, minimum: int) -> Tuple[int, int]:
-    """``value`` (an int or a pair of ints, each ``>= minimum``) as an ``(h, w)`` pair of ints.
-
-    Raises ``TypeError`` / ``ValueError`` naming ``name`` and the value, so that a bad
-    hyper-parameter fails when the model is built rather than at its first forward.
-    """
-    pair = (value, value) if isinstance(value, numbers.Integral) else value
-    if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} on each axis, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 class QkvAttention2d(nn.Module):

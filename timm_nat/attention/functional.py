@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import numbers
 import os
 from typing import Iterator, Optional, Union
 
@@ -39,18 +40,19 @@ _overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("timm_nat_att
 IntOrPair = Union[int, tuple[int, int]]
 
 
-def _pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)):
-        pair = tuple(value)
-    else:
+def int_pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, each ``>= minimum``) as an ``(h, w)`` pair of ints.
+
+    Raises ``TypeError`` / ``ValueError`` naming ``name`` and the value (the operator, the
+    layers at build time and the legacy API all check their window arguments with it).
+    """
+    pair = (value, value) if isinstance(value, numbers.Integral) else value
+    if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r} ({type(value).__name__})")
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} on each axis, got {value!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 def _check_inputs(query, key, value, kernel_size, dilation, rpb):
@@ -71,8 +73,8 @@ def _check_inputs(query, key, value, kernel_size, dilation, rpb):
         raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
     if query.shape[-1] == 0:
         raise ValueError(f"head_dim must be >= 1, got query shape {tuple(query.shape)}")
-    kernel_size = _pair("kernel_size", kernel_size, 2)
-    dilation = _pair("dilation", dilation, 1)
+    kernel_size = int_pair("kernel_size", kernel_size, 2)
+    dilation = int_pair("dilation", dilation, 1)
     height, width, heads = query.shape[1], query.shape[2], query.shape[3]
     for axis, size, k, d in (("height", height, kernel_size[0], dilation[0]), ("width", width, kernel_size[1], dilation[1])):
         if size < k * d:

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from ..attention.functional import int_pair
 from ..attention.windows import neighborhood_1d
 
 __all__ = [
@@ -126,15 +127,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * n, h * w, c).contiguous()
 
 
-def _as_pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} on each axis, got {value!r}")
-    return pair
-
-
 def _check_map(name: str, x: torch.Tensor, kernel_size, dilation, minimum_kernel: int = 2):
     """Validate a [B, heads, H, W, C] tensor and the window arguments; return them as pairs."""
     if not isinstance(x, torch.Tensor):
@@ -143,8 +135,8 @@ def _check_map(name: str, x: torch.Tensor, kernel_size, dilation, minimum_kernel
         raise ValueError(f"{name} must be 5-D [batch, heads, height, width, dim], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    kernel_size = _as_pair("kernel_size", kernel_size, minimum_kernel)
-    dilation = _as_pair("dilation", dilation, 1)
+    kernel_size = int_pair("kernel_size", kernel_size, minimum_kernel)
+    dilation = int_pair("dilation", dilation, 1)
     for axis, size, k, d in (("height", x.shape[2], kernel_size[0], dilation[0]),
                              ("width", x.shape[3], kernel_size[1], dilation[1])):
         if size < k * d:
