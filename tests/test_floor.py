@@ -95,3 +95,27 @@ def test_training_step_with_layer_decay_lowers_the_loss(golden, tiny_model_kwarg
         losses.append(loss.item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.floor
+def test_compiled_na2d_gradients_equal_eager():
+    """torch.compile through na2d's backend choice: on torch < 2.15 the fused CPU op traces with zero
+    gradients, so the chooser leaves it out under compile there; on any torch the gradients are eager's."""
+    from timm_nat.attention import na2d
+
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 10, 9, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen, requires_grad=True)
+    grad_out = torch.randn(1, 10, 9, 2, 16, generator=gen)
+
+    def grads(fn):
+        out = fn(q, k, v, (3, 3), (2, 1), rpb, 0.25)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v, rpb), grad_out)]
+
+    def attend(q, k, v, kernel_size, dilation, rpb, scale):
+        return na2d(q, k, v, kernel_size, dilation, rpb=rpb, scale=scale)
+
+    eager = grads(attend)
+    compiled = grads(torch.compile(attend, backend="aot_eager"))
+    for name, ours, expected in zip(("out", "dq", "dk", "dv", "drpb"), compiled, eager):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

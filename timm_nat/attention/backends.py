@@ -17,6 +17,7 @@ from .reference import exact_where_nonfinite, na2d_reference
 __all__ = ["Backend", "Unsupported", "BACKENDS", "preference", "choose"]
 
 QueryOrDevice = Union[torch.Tensor, torch.device]
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
 class Unsupported(Exception):
@@ -68,6 +69,8 @@ class CpuFusedBackend(Backend):
             return f"runs on cpu only, not {device}"
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             return "is a custom op that torch.jit.trace and ONNX cannot record"
+        if torch.compiler.is_compiling() and _TORCH_VERSION < (2, 15):
+            return "gives zero gradients under torch.compile before torch 2.15 (seen on 2.11)"
         from . import cpu_fused
         if isinstance(query, torch.Tensor) and query.dtype not in cpu_fused.SUPPORTED_DTYPES:
             return f"has no kernel for {query.dtype}"

@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -71,6 +72,19 @@ struct Strided {
   int64_t at(int64_t bi, int64_t hi, int64_t wi, int64_t ni) const { return bi * b + hi * h + wi * w + ni * n; }
 };
 
+// Horizontal sum / max of a vector through vec_reduce_all, which every torch >= 2.11 has
+// (Vectorized::reduce_add / reduce_max are newer). maximum propagates NaN, as the softmax needs.
+template <typename T>
+inline T hsum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, v);
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>(
+      [](const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); }, v);
+}
+
 template <typename T>
 inline T dot_n(const T* a, const T* b, int64_t n) {
   using Vec = Vectorized<T>;
@@ -78,7 +92,7 @@ inline T dot_n(const T* a, const T* b, int64_t n) {
   int64_t d = 0;
   for (; d + Vec::size() <= n; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
   if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
-  return acc.reduce_add();
+  return hsum(acc);
 }
 
 // One head_dim vector. NV > 0: head_dim == NV * Vec::size(), held in registers (the common
@@ -93,7 +107,7 @@ struct HeadVec {
   T dot(const T* x) const {
     Vec acc = r[0] * Vec::loadu(x);
     for (int e = 1; e < NV; ++e) acc = at::vec::fmadd(r[e], Vec::loadu(x + e * Vec::size()), acc);
-    return acc.reduce_add();
+    return hsum(acc);
   }
   void axpy(T alpha, const T* x) {  // this += alpha * x
     const Vec a(alpha);
@@ -162,7 +176,7 @@ inline T exp_shifted(const T* logits, T shift, T* probs, int64_t padded) {
     e.store(probs + t);
     total = total + e;
   }
-  return total.reduce_add();
+  return hsum(total);
 }
 
 template <typename T>
@@ -170,7 +184,7 @@ inline T max_of(const T* x, int64_t padded) {
   using Vec = Vectorized<T>;
   Vec m(-std::numeric_limits<T>::infinity());
   for (int64_t t = 0; t < padded; t += Vec::size()) m = at::vec::maximum(m, Vec::loadu(x + t));  // NaN propagates
-  return m.reduce_max();
+  return hmax(m);
 }
 
 template <typename T, int NV>
