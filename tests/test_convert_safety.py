@@ -117,7 +117,8 @@ def _dead_pid() -> int:
 def test_stale_partial_folders_of_dead_runs_are_cleaned(converted, capsys):
     source, out = converted
     dead, alive = _dead_pid(), os.getppid()
-    ours_dead, ours_alive, foreign = (out.parent / f".converted.partial-{p}" for p in (dead, alive, dead + 1))
+    ours_dead, ours_alive = (out.parent / f".converted.partial-{p}" for p in (dead, alive))
+    foreign = out.parent / f".converted.old-{dead}"  # a dead pid too: only the missing manifest protects it
     for folder in (ours_dead, ours_alive):
         folder.mkdir()
         output.write_manifest(folder, [], state="partial")
@@ -135,6 +136,31 @@ def test_output_set_aside_by_a_killed_run_is_restored(converted, capsys):
     out.rename(aside)  # killed between "old aside" and "new in"
     output.clean_stale(out)
     assert _snapshot(out) == before and not aside.exists()
+
+
+def test_restored_output_is_not_replaced_without_force(converted, capsys):
+    """The output set aside by a dead run comes back, and without --force it is refused, not deleted."""
+    source, out = converted
+    before = _snapshot(out)
+    out.rename(out.parent / f".converted.old-{_dead_pid()}")
+    assert "already exists; pass --force" in _fail([source, "-o", out], capsys)
+    assert _snapshot(out) == before
+
+
+def test_folder_that_appears_during_the_run_is_not_deleted(golden, tmp_path, monkeypatch, capsys):
+    """The output is checked again just before the swap: a folder made meanwhile stays untouched."""
+    out = tmp_path / "late"
+    verify = conversion._verify
+
+    def verify_then_someone_writes_the_output(*args):
+        diffs = verify(*args)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return diffs
+
+    monkeypatch.setattr(conversion, "_verify", verify_then_someone_writes_the_output)
+    assert "already exists; pass --force" in _fail([golden / "hf" / "nat_test_tiny", "-o", out], capsys)
+    assert _snapshot(out) == {"notes.txt": b"mine"}
 
 
 # ----------------------------------------------------------------------------------------------

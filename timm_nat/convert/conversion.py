@@ -18,7 +18,7 @@ from timm.models import get_pretrained_cfg, save_for_hf
 from .architecture import Architecture, family_of, infer_architecture
 from .card import Provenance, model_card, provenance
 from .errors import ConversionError, log, one_line
-from .output import MANIFEST_NAME, PROG, check_no_overlap, check_output, staged_output
+from .output import MANIFEST_NAME, PROG, check_no_overlap, check_output, clean_stale, staged_output
 from .sources import Downloader, Source, file_sha256, read_state_dict, resolve_source
 
 __all__ = ['Conversion', 'DEFAULT_VERIFY_SIZE', 'WEIGHTS_NAME', 'convert', 'push_to_hub', 'uninitialized_model']
@@ -141,7 +141,8 @@ def convert(
     replaced only with ``force`` and only if the converter wrote it; the output may not overlap the
     source. ``hub_repo_id`` is where the card says the folder will be loaded from.
     """
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).expanduser()
+    clean_stale(output_dir, log)  # a restored old output is then refused or replaced like any other
     check_output(output_dir, force)  # before any download
     if not isinstance(source, Source):
         source = resolve_source(str(source), downloader)
@@ -156,7 +157,7 @@ def convert(
             "so no published numbers are claimed"))
     reference = _reference_model(state_dict, arch, prov.published)
     num_params = sum(p.numel() for p in reference.parameters())
-    with staged_output(output_dir, log, source=source.name, source_sha256=prov.sha256) as staging:
+    with staged_output(output_dir, force, log, source=source.name, source_sha256=prov.sha256) as staging:
         save_for_hf(reference, staging, safe_serialization=True)
         diffs = _verify(reference, staging, verify_size)
         (staging / 'README.md').write_text(model_card(arch, source, prov, num_params, diffs, hub_repo_id))

@@ -126,13 +126,14 @@ def _chmod_like_new_files(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(output_dir: Path, log: Callable[[str], None] = log, **facts: Any) -> Iterator[Path]:
+def staged_output(output_dir: Path, force: bool, log: Callable[[str], None] = log, **facts: Any) -> Iterator[Path]:
     """A fresh partial folder beside ``output_dir``; on a clean exit it replaces ``output_dir``.
 
     The caller writes the files into the yielded folder; the manifest (files written, plus
-    ``facts``) is added here. The swap is old aside, new in, old deleted; if the new one cannot be
-    renamed in, the old is put back. On any error the partial folder is removed and the old
-    output stays as it was.
+    ``facts``) is added here. Just before the swap, :func:`check_output` runs again (a folder may
+    have appeared, or been restored by :func:`clean_stale`, since the caller checked). The swap is
+    old aside, new in, old deleted; if the new one cannot be renamed in, the old is put back. On any
+    error the partial folder is removed and the old output stays as it was.
     """
     output_dir = Path(output_dir)
     clean_stale(output_dir, log)
@@ -145,6 +146,7 @@ def staged_output(output_dir: Path, log: Callable[[str], None] = log, **facts: A
         yield staging
         write_manifest(staging, [p.name for p in staging.iterdir() if p.name != MANIFEST_NAME], **facts)
         _chmod_like_new_files(staging)
+        check_output(output_dir, force)  # again: whatever is there now is what the swap deletes
         _swap_in(staging, output_dir)
     finally:
         if staging.exists() and read_manifest(staging) is not None:
