@@ -4,6 +4,7 @@ The compiled-kernel parity against the golden cases is in test_attention.py
 (``test_golden_flex_compiled``); here compilation is counted with dynamo's ``eager`` backend,
 which traces and guards exactly as inductor does without generating code.
 """
+import collections
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -34,7 +35,7 @@ def fresh_caches(monkeypatch):
         return graph.forward
 
     monkeypatch.setattr(flex, "_COMPILE_BACKEND", recording_eager)
-    monkeypatch.setattr(flex, "_PLANS", {})
+    monkeypatch.setattr(flex, "_PLANS", collections.OrderedDict())
     flex._compiled_flex.cache_clear()
     torch._dynamo.reset()
     counters.clear()

@@ -24,16 +24,18 @@ callables are kept for the last ``_CACHE_SIZE`` keys.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
+import threading
 import types
 from typing import Callable, Optional
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .reference import na2d_reference
+from .reference import _all_finite, na2d_reference
 from .windows import neighborhood_1d
 
 __all__ = ["na2d_flex", "flex_plan", "block_sparsity", "BLOCK_SIZE", "STRIP_WIDTHS"]
@@ -122,16 +124,22 @@ def _block_mask_from_counts(counts: torch.Tensor, tokens: int, mask_mod: Callabl
                                     mask_mod=mask_mod, seq_lengths=(tokens, tokens))
 
 
-_PLANS: dict = {}  # (height, width, kernel, dilation, device, regroup) -> FlexPlan, oldest first
+_PLANS: "collections.OrderedDict[tuple, FlexPlan]" = collections.OrderedDict()  # least recently used first
+_PLANS_LOCK = threading.Lock()  # threads share the cache; lookup, insert and eviction are one step
 
 
 @torch._dynamo.assume_constant_result  # in a caller's compiled graph: runs eagerly while tracing
 def _ensure_plan(key: tuple) -> bool:
-    if key not in _PLANS:
-        if len(_PLANS) >= _CACHE_SIZE:
-            del _PLANS[next(iter(_PLANS))]
-        with torch.inference_mode(False):  # a plan made in inference mode must still serve training
-            _PLANS[key] = _build_plan(*key)
+    with _PLANS_LOCK:
+        if key in _PLANS:
+            _PLANS.move_to_end(key)
+            return True
+    with torch.inference_mode(False):  # a plan made in inference mode must still serve training
+        plan = _build_plan(*key)
+    with _PLANS_LOCK:
+        _PLANS.setdefault(key, plan)  # another thread may have built it meanwhile: keep the first
+        while len(_PLANS) > _CACHE_SIZE:
+            _PLANS.popitem(last=False)
     return True
 
 
@@ -140,7 +148,11 @@ def flex_plan(height: int, width: int, kernel_size: tuple[int, int], dilation: t
     """The cached :class:`FlexPlan` of one map; ``regroup=False`` keeps raster token order."""
     key = (height, width, tuple(kernel_size), tuple(dilation), torch.device(device), regroup)
     _ensure_plan(key)
-    return _PLANS[key]
+    plan = _PLANS.get(key)  # a plain dict read, which a caller's compiled graph can trace
+    if plan is None:  # evicted by other threads in between (eager only): build it again
+        _ensure_plan(key)
+        plan = _PLANS[key]
+    return plan
 
 
 def _build_plan(height, width, kernel_size, dilation, device, regroup) -> FlexPlan:
@@ -238,11 +250,6 @@ def _compiled_flex(plan: FlexPlan, dtype: torch.dtype, has_rpb: bool) -> Callabl
     return attend
 
 
-def _all_finite(*tensors) -> bool:
-    total = sum(t.sum(dtype=torch.float32) for t in tensors if t is not None)
-    return bool(torch.isfinite(total))
-
-
 def na2d_flex(query, key, value, kernel_size, dilation, rpb, scale, compile=True, regroup=True):
     """Arguments as :func:`timm_nat.attention.na2d`, validated. ``compile=False`` runs flex eagerly.
 
@@ -252,7 +259,7 @@ def na2d_flex(query, key, value, kernel_size, dilation, rpb, scale, compile=True
     ``torch.compile`` graph that check is skipped (it would break the graph).
     """
     compiling = torch.compiler.is_compiling()
-    if not compiling and not _all_finite(query, key, value, rpb):
+    if not compiling and not _all_finite(*(t for t in (query, key, value, rpb) if t is not None)):
         return na2d_reference(query, key, value, tuple(kernel_size), tuple(dilation), rpb, scale)
     b, height, width, heads, dim = query.shape
     plan = flex_plan(height, width, kernel_size, dilation, query.device, regroup)
