@@ -5,6 +5,7 @@ The compiled-kernel parity against the golden cases is in test_attention.py
 which traces and guards exactly as inductor does without generating code.
 """
 import collections
+
 import pytest
 import torch
 from torch._dynamo.utils import counters

@@ -9,12 +9,7 @@ list through ``tracer_kwargs={'leaf_modules': timm.models.get_notrace_modules()}
 """
 from timm.layers import register_notrace_module
 
-from .layers import NeighborhoodAttention2d
-
-try:  # ViT-RPB's global attention; may move to .layers
-    from .layers import RelPosGlobalAttention
-except ImportError:
-    from .models.isotropic import RelPosGlobalAttention
+from .layers import NeighborhoodAttention2d, RelPosGlobalAttention
 
 FX_LEAF_MODULES = (NeighborhoodAttention2d, RelPosGlobalAttention)
 

@@ -313,6 +313,7 @@ def print_targets(models: dict, ops: dict, args) -> None:
 
 
 def main(argv=None) -> int:
+    """``timm-nat-benchmark``: print the model and op tables (and the targets) of one run; 0 on success."""
     parser = argparse.ArgumentParser(prog="timm-nat-benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES))

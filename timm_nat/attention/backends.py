@@ -17,7 +17,7 @@ from .reference import exact_where_nonfinite, na2d_reference
 __all__ = ["Backend", "Unsupported", "BACKENDS", "preference", "choose"]
 
 QueryOrDevice = Union[torch.Tensor, torch.device]
-_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+_TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)  # compares with tuples, rc tags included
 
 
 class Unsupported(Exception):

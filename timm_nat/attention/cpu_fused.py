@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import threading
 import time
 from typing import Optional
 
@@ -85,6 +86,7 @@ def _register_fake_kernels() -> None:
 
 
 _availability: Optional[bool] = None
+_availability_lock = threading.Lock()  # two threads' first calls build once
 
 
 @torch.compiler.assume_constant_result  # a trace (torch.compile) runs it eagerly and keeps the answer
@@ -92,10 +94,12 @@ def is_available() -> bool:
     """Whether the fused kernel runs here: builds or loads it once; logs once why not."""
     global _availability
     if _availability is None:
-        reason = _load()
-        if reason is not None:
-            _logger.warning("na2d: fused CPU kernel unavailable (%s); the 'tiled' backend is used instead", reason)
-        _availability = reason is None
+        with _availability_lock:
+            if _availability is None:
+                reason = _load()
+                if reason is not None:
+                    _logger.warning("na2d: fused CPU kernel unavailable (%s); the 'tiled' backend is used instead", reason)
+                _availability = reason is None
     return _availability
 
 

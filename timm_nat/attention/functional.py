@@ -97,9 +97,10 @@ def _check_inputs(query, key, value, kernel_size, dilation, rpb):
 def available_backends(device: Union[str, torch.device] = "cpu", has_rpb: bool = True, needs_grad: bool = False) -> list[str]:
     """Backends that can run on ``device``, in the order ``na2d`` prefers them.
 
-    CPU: ``tiled`` first (exact, fused SDPA tiles); NATTEN (no RPB) and flex run there only
-    without autograd (torch has no CPU flex backward). CUDA: NATTEN's fused kernels when there
-    is no RPB, flex with RPB, then ``tiled``. ``reference`` runs everywhere.
+    CPU: ``cpu_fused`` first (the C++ kernel, where it could be built), then ``tiled`` (fused SDPA
+    tiles); NATTEN (no RPB) and flex run there only without autograd (torch has no CPU flex
+    backward). CUDA: NATTEN's fused kernels when there is no RPB, flex with RPB, then ``tiled``.
+    ``reference`` runs everywhere.
     """
     return _runnable(torch.device(device), has_rpb, needs_grad)
 
@@ -143,7 +144,7 @@ def select_backend(device: Union[str, torch.device], has_rpb: bool, needs_grad: 
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Force the ``na2d`` backend inside a ``with`` block, in this thread or asyncio task only.
 
-    ``name`` is one of ``"natten"``, ``"flex"``, ``"tiled"``, ``"reference"``, or ``None`` for
+    ``name`` is one of ``"natten"``, ``"flex"``, ``"cpu_fused"``, ``"tiled"``, ``"reference"``, or ``None`` for
     the automatic choice. Either way the block takes precedence over outer blocks and over the
     ``TIMM_NAT_ATTENTION_BACKEND`` environment variable; leaving it restores what was in force
     before, also when blocks are left out of order. New threads start with no block in force;

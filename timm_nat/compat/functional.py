@@ -83,8 +83,9 @@ class GridPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=128)
 def _grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple) -> GridPlan:
-    # Cached tensors must be normal tensors even if first built under inference_mode.
-    with torch.inference_mode(False):
+    # Cached tensors must be normal CPU tensors even if first built under inference_mode or a
+    # default-device context (``with torch.device("meta")``).
+    with torch.inference_mode(False), torch.device("cpu"):
         rows = _axis_tiles(height, kernel_size[0], dilation[0], _tile_size(height, kernel_size[0], dilation[0]))
         cols = _axis_tiles(width, kernel_size[1], dilation[1], _tile_size(width, kernel_size[1], dilation[1]))
         tiles_r, tile_r, halo_r = rows.halo.shape[0], rows.query.shape[1], rows.halo.shape[1]

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..layers import NeighborhoodAttention2d
+from ..layers import NeighborhoodAttention2d, RelPosGlobalAttention
 from .functional import _qk, natten2dqkrpb
 from .modules import pad_to_window
 
@@ -54,7 +54,6 @@ def global_weights(module: nn.Module, x: torch.Tensor, logits: bool = False) -> 
 
 
 def _attention_kinds() -> dict:
-    from ..models.isotropic import RelPosGlobalAttention  # models import layers: keep compat importable first
     return {NeighborhoodAttention2d: neighborhood_weights, RelPosGlobalAttention: global_weights}
 
 
