@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import warnings
 from typing import Iterator, Optional, Union
 
 import torch
@@ -39,7 +40,19 @@ _overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("timm_nat_att
 IntOrPair = Union[int, tuple[int, int]]
 
 
+def _traced_value(value):
+    """Under ``torch.jit.trace`` sizes taken from a shape are 0-dim int tensors: their traced values
+    (the index plans are built for them; tiled's size guard fails a graph run at another size)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_traced_value(v) for v in value)
+    return value
+
+
 def _pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
+    if torch.jit.is_tracing():
+        value = _traced_value(value)
     if isinstance(value, int):
         pair = (value, value)
     elif isinstance(value, (tuple, list)):
@@ -184,9 +197,17 @@ def na2d(
         ``[batch, height, width, heads, head_dim]``, the dtype of ``query``. An output is NaN
         exactly where legacy NATTEN's is (its q, or a k/v in its window, is non-finite).
     """
+    if torch.jit.is_tracing():  # sizes read as constants here are intended: see tiled._traced_size_guard
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
+    return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
+
+
+def _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend) -> torch.Tensor:
     kernel_size, dilation = _check_inputs(query, key, value, kernel_size, dilation, rpb)
     if scale is None:
-        scale = query.shape[-1] ** -0.5
+        scale = float(query.shape[-1]) ** -0.5
     has_rpb = rpb is not None
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
     name, forced = _resolve(query, has_rpb, needs_grad, backend)
