@@ -197,11 +197,15 @@ def na2d(
         ``[batch, height, width, heads, head_dim]``, the dtype of ``query``. An output is NaN
         exactly where legacy NATTEN's is (its q, or a k/v in its window, is non-finite).
     """
-    if torch.jit.is_tracing():  # sizes read as constants here are intended: see tiled._traced_size_guard
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
-    return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch
+        raise RuntimeError("na2d is not scriptable (torch.jit.script): use torch.jit.trace, torch.export, "
+                           "torch.onnx.export or torch.compile")
+    else:
+        if torch.jit.is_tracing():  # sizes read as constants here are intended: see tiled._traced_size_guard
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
+        return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
 
 
 def _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend) -> torch.Tensor:
