@@ -182,3 +182,11 @@ def test_torchscript_scripting_raises_clearly():
     scripted = torch.jit.script(_model("nat"))
     with pytest.raises(Exception, match="na2d is not scriptable"):
         scripted(_inputs("nat")[2])
+
+
+def test_forcing_a_fused_backend_while_exporting_raises_clearly():
+    """flex and NATTEN cannot be exported; tiled (the CPU default, and what export picks on CUDA) can."""
+    from timm_nat.attention import na2d, use_backend
+    q = torch.randn(1, 8, 8, 1, 8)
+    with use_backend("flex"), pytest.raises(ValueError, match="cannot be exported"):
+        torch.jit.trace(lambda q: na2d(q, q, q, 3), (q,))
