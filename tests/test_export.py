@@ -26,6 +26,13 @@ BATCHES = (1, 2, 4)
 EXPORT_BATCH = 2  # torch.export specialises a size-1 dim; timm's onnx_export traces at >= 2 too
 
 
+@pytest.fixture(autouse=True)
+def several_chunks(monkeypatch):
+    """Eager runs split the tiles into several chunks even on tiny models, as at real sizes: the
+    chunk count depends on the batch size and must not reach a traced graph (it once did)."""
+    monkeypatch.setattr(tiled, "_CHUNK_BYTES", 2**12)
+
+
 def _model(family: str) -> torch.nn.Module:
     arch, kwargs, _ = FAMILIES[family]
     torch.manual_seed(0)
@@ -164,6 +171,23 @@ def test_compile_fullgraph_cold_forward_backward(family):
     assert _max_abs_diff(out.detach(), expected.detach()) < 1e-5
     for (name, p), grad in zip(model.named_parameters(), grads):
         assert _max_abs_diff(grad, p.grad) < 1e-5, name
+
+
+def test_compiled_graph_is_one_graph_with_constant_plans():
+    """No graph break and no plan building (``.unique()``) in the graph, also without fullgraph."""
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model, x = _model("dinat"), _inputs("dinat")[2]
+    _cold_plans()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record)(x)
+    assert len(graphs) == 1
+    assert "unique" not in graphs[0].code
 
 
 def test_compile_inductor_fullgraph():
