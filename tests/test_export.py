@@ -26,7 +26,7 @@ BATCHES = (1, 2, 4)
 EXPORT_BATCH = 2  # torch.export specialises a size-1 dim; timm's onnx_export traces at >= 2 too
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def several_chunks(monkeypatch):
     """Eager runs split the tiles into several chunks even on tiny models, as at real sizes: the
     chunk count depends on the batch size and must not reach a traced graph (it once did)."""
@@ -65,6 +65,7 @@ def _assert_matches_eager(model, run, inputs, atol=1e-4) -> None:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.usefixtures("several_chunks")
 def test_torch_export_cold_with_dynamic_batch(family):
     model, inputs = _model(family), _inputs(family)
     _cold_plans()
@@ -92,6 +93,7 @@ def test_torch_export_with_dynamic_spatial_size_raises_clearly():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.usefixtures("several_chunks")
 def test_jit_trace_matches_eager_at_every_batch(family):
     model, inputs = _model(family), _inputs(family)
     _cold_plans()
@@ -125,6 +127,7 @@ def _onnx_session(model, path, size, dynamo: bool, dynamic_size: bool = False):
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.usefixtures("several_chunks")
 def test_onnx_matches_eager_at_every_batch(family, dynamo, tmp_path):
     model, inputs = _model(family), _inputs(family)
     size = (FAMILIES[family][2],) * 2
@@ -132,6 +135,7 @@ def test_onnx_matches_eager_at_every_batch(family, dynamo, tmp_path):
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.usefixtures("several_chunks")
 def test_onnx_at_a_second_input_size(dynamo, tmp_path):
     """One graph per input size: another (non-square) size exports and matches too."""
     model, size = _model("dinat"), (96, 80)

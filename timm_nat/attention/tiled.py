@@ -12,6 +12,10 @@ tensors (built outside inference mode and any default-device context, so a run u
 ``torch.inference_mode()`` or on the meta device never poisons them for later training);
 each call moves them to the input's device. Non-finite inputs keep legacy semantics through
 :func:`.reference.exact_where_nonfinite`.
+
+A graph being recorded (torch.compile, torch.export, torch.jit.trace, ONNX export) gets the
+plans as constants for its static height and width, runs all tiles as one chunk (the chunk
+count would depend on the batch size) and has no non-finite branch.
 """
 from __future__ import annotations
 
