@@ -68,6 +68,12 @@ def _is_traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
+def _recording() -> bool:
+    """Whether a dispatch mode (fake, proxy, functional) or the jit tracer is active."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._ops._len_torch_dispatch_stack_pre_dispatch()
+                or torch._C._get_tracing_state() is not None)
+
+
 @contextlib.contextmanager
 def _outside_tracing():
     """Run eagerly on real tensors whatever records the caller: no fake / proxy / functional
@@ -95,7 +101,10 @@ def _plan_cache(maxsize: int):
 
         @functools.wraps(build)
         def plan(*args):
-            with _outside_tracing():
+            if _recording():
+                with _outside_tracing():
+                    return cached(*args)
+            with torch.inference_mode(False):  # eager: the cheap part of _outside_tracing is enough
                 return cached(*args)
         plan.cache_clear = cached.cache_clear
         return plan
