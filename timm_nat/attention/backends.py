@@ -92,7 +92,9 @@ class ReferenceBackend(Backend):
 
 
 def _fused_why_not(query: QueryOrDevice, needs_grad: bool, importable: bool, package: str) -> Optional[str]:
-    """Rules flex and NATTEN share: CPU/CUDA only, no CPU backward, no empty inputs."""
+    """Rules flex and NATTEN share: CPU/CUDA only, no CPU backward, no empty inputs, no export."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        return "cannot be exported (torch.jit.trace, torch.onnx.export, torch.export); 'tiled' can"
     device = _device(query)
     if device.type not in ("cpu", "cuda"):
         return f"cannot run on {device}"

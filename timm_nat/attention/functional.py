@@ -10,6 +10,7 @@ import contextvars
 import logging
 import numbers
 import os
+import warnings
 from typing import Iterator, Optional, Union
 
 import torch
@@ -40,12 +41,24 @@ _overrides: contextvars.ContextVar[tuple] = contextvars.ContextVar("timm_nat_att
 IntOrPair = Union[int, tuple[int, int]]
 
 
+def _traced_value(value):
+    """Under ``torch.jit.trace`` sizes taken from a shape are 0-dim int tensors: their traced values
+    (the index plans are built for them; tiled's size guard fails a graph run at another size)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        return int(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_traced_value(v) for v in value)
+    return value
+
+
 def int_pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
     """``value`` (an int or a pair of ints, each ``>= minimum``) as an ``(h, w)`` pair of ints.
 
     Raises ``TypeError`` / ``ValueError`` naming ``name`` and the value (the operator, the
     layers at build time and the legacy API all check their window arguments with it).
     """
+    if torch.jit.is_tracing():
+        value = _traced_value(value)
     pair = (value, value) if isinstance(value, numbers.Integral) else value
     if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)):
@@ -187,9 +200,21 @@ def na2d(
         ``[batch, height, width, heads, head_dim]``, the dtype of ``query``. An output is NaN
         exactly where legacy NATTEN's is (its q, or a k/v in its window, is non-finite).
     """
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch
+        raise RuntimeError("na2d is not scriptable (torch.jit.script): use torch.jit.trace, torch.export, "
+                           "torch.onnx.export or torch.compile")
+    else:
+        if torch.jit.is_tracing():  # sizes read as constants here are intended: see tiled._traced_size_guard
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
+        return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
+
+
+def _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend) -> torch.Tensor:
     kernel_size, dilation = _check_inputs(query, key, value, kernel_size, dilation, rpb)
     if scale is None:
-        scale = query.shape[-1] ** -0.5
+        scale = float(query.shape[-1]) ** -0.5
     has_rpb = rpb is not None
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, rpb))
     name, forced = _resolve(query, has_rpb, needs_grad, backend)

@@ -12,11 +12,17 @@ tensors (built outside inference mode and any default-device context, so a run u
 ``torch.inference_mode()`` or on the meta device never poisons them for later training);
 each call moves them to the input's device. Non-finite inputs keep legacy semantics through
 :func:`.reference.exact_where_nonfinite`.
+
+A graph being recorded (torch.compile, torch.export, torch.jit.trace, ONNX export) gets the
+plans as constants for its static height and width, runs all tiles as one chunk (the chunk
+count would depend on the batch size) and has no non-finite branch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -56,33 +62,65 @@ def choose_tile(length: int, kernel_size: int, dilation: int) -> int:
     return best
 
 
-def _plan_cache(maxsize: int):
-    """``functools.lru_cache`` for index plans, filled with inference mode off.
+def _is_traced() -> bool:
+    """Whether this call is being recorded into a graph (torch.compile, torch.export, torch.jit.trace,
+    ONNX export) rather than run eagerly."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
-    Tensors created under ``torch.inference_mode()`` can never be saved for backward, and a
-    cache outlives the call that filled it. (While torch.compile traces, the plan is traced
-    into the graph instead.) Builders put their tensors on CPU explicitly, so a default-device
-    context such as ``with torch.device("meta")`` cannot reach the cache either.
+
+def _recording() -> bool:
+    """Whether a dispatch mode (fake, proxy, functional) or the jit tracer is active."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._ops._len_torch_dispatch_stack_pre_dispatch()
+                or torch._C._get_tracing_state() is not None)
+
+
+@contextlib.contextmanager
+def _outside_tracing():
+    """Run eagerly on real tensors whatever records the caller: no fake / proxy / functional
+    dispatch modes (torch.export, make_fx), no jit tracer, inference mode off."""
+    tracing_state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with torch.utils._python_dispatch._disable_current_modes(), torch.inference_mode(False):
+            yield
+    finally:
+        torch._C._set_tracing_state(tracing_state)
+
+
+def _plan_cache(maxsize: int):
+    """``functools.lru_cache`` for index plans, always built eagerly as real CPU tensors.
+
+    Plans are data, never traced code: a graph being recorded gets them as constants (its
+    ``.unique()`` would be a data-dependent op there). Tensors created under
+    ``torch.inference_mode()`` can never be saved for backward, and a cache outlives the call that
+    filled it. Builders put their tensors on CPU explicitly, so a default-device context such as
+    ``with torch.device("meta")`` cannot reach the cache either.
     """
     def decorate(build):
         cached = functools.lru_cache(maxsize=maxsize)(build)
 
         @functools.wraps(build)
         def plan(*args):
-            if torch.compiler.is_compiling():
-                return cached(*args)
-            with torch.inference_mode(False):
+            if _recording():
+                with _outside_tracing():
+                    return cached(*args)
+            with torch.inference_mode(False):  # eager: the cheap part of _outside_tracing is enough
                 return cached(*args)
         plan.cache_clear = cached.cache_clear
         return plan
     return decorate
 
 
+def _halo(length: int, kernel_size: int, dilation: int, tile: int) -> int:
+    """Keys per halo on one axis: a tile's windows, capped by the longest sub-grid."""
+    return max(min(tile + kernel_size - 1, subgrid_length(length, dilation, g)) for g in range(dilation))
+
+
 @_plan_cache(maxsize=256)
 def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPlan:
     """Build (and cache) the tiling of one axis as CPU tensors; see :class:`AxisPlan`."""
     lengths = [subgrid_length(length, dilation, g) for g in range(dilation)]
-    halo = max(min(tile + kernel_size - 1, n) for n in lengths)
+    halo = _halo(length, kernel_size, dilation, tile)
     slots = torch.arange(tile, device="cpu")
     halo_slots = torch.arange(halo, device="cpu")
     queries, keys, biases = [], [], []
@@ -142,6 +180,51 @@ def grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile
                     (rows.key_index.shape[1], cols.key_index.shape[1]))
 
 
+@torch.compiler.assume_constant_result
+def _plan_tensor(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple, field: int) -> torch.Tensor:
+    """One tensor of :func:`grid_plan`; torch.compile calls it at trace time and keeps the result
+    as a graph constant instead of tracing the builder (one tensor per call: what it can hold)."""
+    return grid_plan(height, width, kernel_size, dilation, tile)[field]
+
+
+def _traced_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
+    """:func:`grid_plan` as constants of a graph being recorded."""
+    halo = (_halo(height, kernel_size[0], dilation[0], tile[0]), _halo(width, kernel_size[1], dilation[1], tile[1]))
+    tensors = (_plan_tensor(height, width, kernel_size, dilation, tile, field) for field in range(len(GridPlan._fields) - 1))
+    return GridPlan(*tensors, halo)
+
+
+def _static_spatial_size(query: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of ``query`` as ints, which the index plans are built for.
+
+    torch.export with a dynamic height or width raises here (plans, hence graphs, are per map
+    size); torch.compile specialises on the size instead. ``torch.jit.trace`` records sizes as
+    tensors: their values at trace time are read, and :func:`_traced_size_guard` checks them.
+    """
+    height, width = query.shape[1], query.shape[2]
+    if torch.compiler.is_exporting() and not (isinstance(height, int) and isinstance(width, int)):
+        raise ValueError(
+            f"na2d cannot be exported with a dynamic height or width (got {height} x {width}): its index plans "
+            f"are built per map size. Export with static spatial dims (a dynamic batch is supported), "
+            f"one graph per input size.")
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():  # the conversion is intended: _traced_size_guard checks it
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return int(height), int(width)
+    return int(height), int(width)
+
+
+def _traced_size_guard(query: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A ``[1]`` int64 zero that exists only if ``query``'s runtime map is ``height x width``.
+
+    A graph from ``torch.jit.trace`` (or the TorchScript ONNX exporter, whose ``dynamic_axes`` may
+    declare height and width dynamic) bakes in plans for the traced size; added to the plan's
+    indices, this index-out-of-range makes a run at any other size fail instead of answering wrong.
+    """
+    mismatch = (query.shape[1] - height) ** 2 + (query.shape[2] - width) ** 2  # traced 0-dim tensors
+    return torch.zeros(1, dtype=torch.long, device=query.device).index_select(0, torch.as_tensor(mismatch).reshape(1))
+
+
 def _bias_table(rpb: Optional[torch.Tensor], heads: int, kernel_size, dtype, device) -> torch.Tensor:
     """RPB (or zeros) with one extra row and column of -inf, addressed by _MASKED."""
     if rpb is None:
@@ -180,22 +263,35 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
     """
     def dense(query, key, value, kernel_size, dilation, rpb, scale):
         return _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile)
+    if _is_traced():  # a recorded graph holds no data-dependent branch; see exact_where_nonfinite
+        return dense(query, key, value, kernel_size, dilation, rpb, scale)
     return exact_where_nonfinite(dense, query, key, value, kernel_size, dilation, rpb, scale)
 
 
 def _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile):
-    b, height, width, heads, dim = query.shape
+    """Eagerly: cached plans, chunks of about _CHUNK_BYTES. Traced: constant plans, one chunk, and
+    the batch size only ever as the traced value (int, SymInt or jit-traced size), never derived."""
+    traced = _is_traced()
+    b, _, _, heads, dim = query.shape
+    height, width = _static_spatial_size(query) if traced else query.shape[1:3]
     if tile is None:
         tile = (choose_tile(height, kernel_size[0], dilation[0]), choose_tile(width, kernel_size[1], dilation[1]))
-    plan = grid_plan(height, width, tuple(kernel_size), tuple(dilation), tuple(tile))
+    build = _traced_plan if traced else grid_plan
+    plan = build(height, width, tuple(kernel_size), tuple(dilation), tuple(tile))
     plan = GridPlan(*(t.to(query.device) if isinstance(t, torch.Tensor) else t for t in plan))
+    if torch.jit.is_tracing():
+        guard = _traced_size_guard(query, height, width)
+        plan = plan._replace(query_index=plan.query_index + guard, output_index=plan.output_index + guard)
     query_len, halo_len = tile[0] * tile[1], plan.halo[0] * plan.halo[1]
     num_tiles = len(plan.tile_class)
     q, k, v = _heads_first(query), _heads_first(key), _heads_first(value)
     class_bias = _class_bias(_bias_table(rpb, heads, kernel_size, query.dtype, query.device), plan)
 
-    halo_bytes = b * heads * halo_len * dim * query.element_size()
-    chunk = max(1, _CHUNK_BYTES // max(1, halo_bytes))  # an empty batch or no heads: one chunk
+    if traced:  # a chunk count would depend on the batch size, a graph input
+        chunk = num_tiles
+    else:
+        halo_bytes = b * heads * halo_len * dim * query.element_size()
+        chunk = max(1, _CHUNK_BYTES // max(1, halo_bytes))  # an empty batch or no heads: one chunk
     outs = []
     for start in range(0, num_tiles, chunk):
         tiles = slice(start, min(start + chunk, num_tiles))
