@@ -77,7 +77,8 @@ class QkvAttention2d(nn.Module):
         batch, height, width, _ = x.shape
         # fused qkv channels are ordered (q|k|v, head, head_dim)
         qkv = self.qkv(x).reshape(batch, height, width, 3, self.num_heads, self.head_dim)
-        return qkv.unbind(3)
+        q, k, v = qkv.unbind(3)  # a tuple, as annotated (torch.jit.script checks it)
+        return q, k, v
 
     def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
         """Attention output ``[batch, height, width, heads, head_dim]`` through the output projection, NHWC."""

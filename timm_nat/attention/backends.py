@@ -67,8 +67,8 @@ class CpuFusedBackend(Backend):
         device = _device(query)
         if device.type != "cpu":
             return f"runs on cpu only, not {device}"
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return "is a custom op that torch.jit.trace and ONNX cannot record"
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            return "is a custom op that exported graphs (jit.trace, ONNX, torch.export) could not run elsewhere; 'tiled' can"
         if torch.compiler.is_compiling() and _TORCH_VERSION < (2, 15):
             return "gives zero gradients under torch.compile before torch 2.15 (seen on 2.11)"
         from . import cpu_fused
