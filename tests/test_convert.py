@@ -22,6 +22,8 @@ import timm_nat.convert.conversion
 from timm_nat.convert import ConversionError, infer_architecture, main
 from timm_nat.pretrained import load_registry, registry_entry_name
 
+from conftest import max_abs_diff
+
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # golden README: ~1e-6 expected in fp32, above 1e-4 is a bug
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id
@@ -49,11 +51,6 @@ GOLDEN_CASES = {
     # a global RPB table (with its index buffer) identifies ViT-RPB without help
     "orig/vitrpb_test_tiny.pth": ([], "orig/vitrpb_test_tiny.golden.safetensors", "vitrpb_small"),
 }
-
-
-def _max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != golden {tuple(expected.shape)}"
-    return (actual - expected).abs().max().item()
 
 
 def _load_both_ways(folder: Path):
@@ -132,7 +129,7 @@ def test_converted_golden_checkpoint_reproduces_golden_logits(golden, tmp_path, 
     for path, model in models.items():
         with torch.no_grad():
             diffs[path] = max(
-                _max_abs_diff(model(outputs[k]), outputs[k.replace("input", "logits")]) for k in inputs)
+                max_abs_diff(model(outputs[k]), outputs[k.replace("input", "logits")]) for k in inputs)
     print(f"{case}: max abs diff vs golden logits {diffs}")
     assert max(diffs.values()) <= ATOL, f"{case}: {diffs} > {ATOL}"
 
@@ -417,7 +414,7 @@ def test_all_converts_downloaded_entries_and_exits_zero(golden, tmp_path, capsys
     converted = timm.create_model(f"local-dir:{out / 'dinat_mini.in1k'}", pretrained=True).eval()
     inputs = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert _max_abs_diff(converted(inputs), source(inputs)) == 0.0
+        assert max_abs_diff(converted(inputs), source(inputs)) == 0.0
 
 
 def test_all_refuses_existing_outputs_without_force(tmp_path, capsys, offline_caches):

@@ -137,7 +137,6 @@ def _faster_rcnn(num_classes: int = 3):
 def test_torchvision_faster_rcnn_train_and_eval():
     """Faster R-CNN over features_only + FPN: a train step with targets on two images of different
     sizes (every backbone parameter gets a finite gradient), then eval boxes inside each image."""
-    pytest.importorskip("torchvision.models.detection", reason="torchvision detection not available")
     model = _faster_rcnn().train()
     images = [_images(3, 120, 160), _images(3, 150, 110)]
     targets = [

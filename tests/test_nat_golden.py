@@ -158,7 +158,7 @@ def test_golden_inputs_include_padding_cases(golden, tiny_model_kwargs, name):
 def test_vitrpb_at_non_native_size_uses_timm_resized_table(golden, tiny_model_kwargs):
     native = _create(golden, tiny_model_kwargs, "vitrpb_test_tiny", "original")  # 128 input: 8x8 map, 15x15 tables
     at_160 = _create(golden, tiny_model_kwargs, "vitrpb_test_tiny", "original", img_size=160)  # tables resized on load
-    original = torch.load(golden / "orig" / "vitrpb_test_tiny.pth")
+    original = torch.load(golden / "orig" / "vitrpb_test_tiny.pth", weights_only=True)
     for i, block in enumerate(at_160.blocks):
         expected = resize_rel_pos_bias_table(
             original[f"layers.{i}.attn.rpb"], new_window_size=(10, 10), new_bias_shape=(4, 19, 19))
@@ -178,10 +178,10 @@ def test_vitrpb_at_non_native_size_uses_timm_resized_table(golden, tiny_model_kw
 def test_filter_accepts_every_layout_wrapped_or_not(golden, tiny_model_kwargs, name):
     model = _create(golden, tiny_model_kwargs, name, "original")
     expected = model.state_dict()
-    original = torch.load(golden / "orig" / f"{name}.pth")
+    original = torch.load(golden / "orig" / f"{name}.pth", weights_only=True)
     sources = [original, {"state_dict": original}, {"model": original}, dict(expected)]  # the last: timm's own
     if name in TINY_CHECKPOINTS:
-        hub = torch.load(golden / "hf" / name / "pytorch_model.bin")
+        hub = torch.load(golden / "hf" / name / "pytorch_model.bin", weights_only=True)
         # a headless transformers NatModel / DinatModel checkpoint has no 'nat.' / 'dinat.' prefix
         sources += [hub, {k.removeprefix("dinat.").removeprefix("nat."): v for k, v in hub.items()}]
     for source in sources:
@@ -203,7 +203,7 @@ def test_filter_accepts_every_layout_wrapped_or_not(golden, tiny_model_kwargs, n
 def test_filter_lists_every_bad_key(golden, tiny_model_kwargs, name, key, replacement, expected):
     arch, kwargs = _arch_and_kwargs(tiny_model_kwargs, name)
     model = timm.create_model(arch, num_classes=10, **kwargs)
-    checkpoint = torch.load(golden / "orig" / f"{name}.pth")
+    checkpoint = torch.load(golden / "orig" / f"{name}.pth", weights_only=True)
     if replacement is None:
         del checkpoint[key]
     else:

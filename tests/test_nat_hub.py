@@ -75,7 +75,7 @@ def test_pretrained_loads_offline_from_hub_cache(golden, tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         expected = direct(torch.randn(*INPUT_SIZE))
-    from_hub = torch.load(tmp_path / "logits.pt")
+    from_hub = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert from_hub.shape == (1, 1000)
     assert max_abs_diff(from_hub, expected) <= 1e-6
 
