@@ -187,6 +187,17 @@ def _plan_tensor(height: int, width: int, kernel_size: tuple, dilation: tuple, t
     return grid_plan(height, width, kernel_size, dilation, tile)[field]
 
 
+# torch < 2.15's dynamo keeps one assume_constant_result constant per function name (a second call
+# in a graph asserts "already in seen_sources"); there the plan is fetched across a graph break.
+_CONSTANT_PLANS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 15)
+
+
+@torch._dynamo.disable
+def _plan_across_a_graph_break(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
+    """:func:`grid_plan` run eagerly by torch.compile on torch < 2.15 (fullgraph and export then refuse)."""
+    return grid_plan(height, width, kernel_size, dilation, tile)
+
+
 def _traced_plan(height: int, width: int, kernel_size: tuple, dilation: tuple, tile: tuple) -> GridPlan:
     """:func:`grid_plan` as constants of a graph being recorded."""
     halo = (_halo(height, kernel_size[0], dilation[0], tile[0]), _halo(width, kernel_size[1], dilation[1], tile[1]))
@@ -277,6 +288,8 @@ def _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile
     if tile is None:
         tile = (choose_tile(height, kernel_size[0], dilation[0]), choose_tile(width, kernel_size[1], dilation[1]))
     build = _traced_plan if traced else grid_plan
+    if traced and torch.compiler.is_compiling() and not _CONSTANT_PLANS:
+        build = _plan_across_a_graph_break
     plan = build(height, width, tuple(kernel_size), tuple(dilation), tuple(tile))
     plan = GridPlan(*(t.to(query.device) if isinstance(t, torch.Tensor) else t for t in plan))
     if torch.jit.is_tracing():
