@@ -112,8 +112,8 @@ def test_jit_trace_run_at_another_size_fails_instead_of_answering_wrong():
 
 
 def _onnx_session(model, path, size, dynamo: bool, dynamic_size: bool = False):
-    onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is an optional test dependency")
-    pytest.importorskip("onnx", reason="onnx is an optional test dependency")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (extra 'frameworks')")
+    pytest.importorskip("onnx", reason="onnx not installed (extra 'frameworks')")
     if dynamo:
         pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
     from timm.utils.onnx import onnx_export  # what timm's onnx_export.py calls

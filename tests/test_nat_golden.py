@@ -1,4 +1,4 @@
-"""Golden tiny checkpoints (random weights, ``../shared/golden/{hf,orig}``) through timm's public
+"""Golden tiny checkpoints (random weights, ``tests/golden/{hf,orig}``) through timm's public
 pretrained path reproduce the outputs of the legacy stack (NATTEN 0.17 + transformers 4.40, and the
 original repository's code): NAT/DiNAT in both published layouts (transformers ``pytorch_model.bin``
 and the original ``.pth``), DiNAT_s and the isotropic models in the original layout. Also what
