@@ -110,7 +110,7 @@ def _attention_backend(attention: str, device: str):
     """The ``na2d`` backend an ``--attention`` route forces (None: the operator's own choice)."""
     if device != "cpu":
         return None
-    return {"fused": "cpu_fused", "tiled": "tiled"}[attention]
+    return {"fused": "cpu_fused", "tiled": "tiled"}.get(attention)  # baselines ("-") have no NA
 
 
 def measure_model(model_name: str, mode: str, batch_size: int, img_size: int, device: str, precision: str,
