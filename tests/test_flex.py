@@ -197,3 +197,52 @@ def test_finite_inputs_do_not_take_the_exact_path(monkeypatch):
     monkeypatch.setattr(flex, "na2d_reference", fail)
     t = _poisoned("q", 0.0)
     na2d_flex(t["q"], t["k"], t["v"], (3, 3), (1, 1), t["rpb"], 0.35, compile=False)
+
+
+class OutOfResources(Exception):
+    """Stands in for triton.runtime.errors.OutOfResources (not a ValueError/TypeError)."""
+
+
+def test_flex_failure_falls_back_to_tiled_once_per_shape(monkeypatch, caplog):
+    """Automatic choice: a flex compile/launch failure runs the next backend with one warning
+    naming the shape and the error, and flex is not tried again for that shape; forced flex raises."""
+    from timm_nat.attention import backends, na2d
+    monkeypatch.setattr(backends, "_PREFERENCE", {"cpu": ("flex", "tiled", "reference")})
+    monkeypatch.setitem(backends.BACKENDS, "flex", backends.FlexBackend())  # an empty failure memo
+    calls = []
+
+    def failing_flex(*args, **kwargs):
+        calls.append(args[0].shape)
+        raise OutOfResources("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+
+    monkeypatch.setattr(flex, "na2d_flex", failing_flex)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 11, 2, 8, generator=gen) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen)
+    expected = na2d_reference(q, k, v, (3, 3), (2, 3), rpb, 8 ** -0.5)
+    with caplog.at_level("WARNING", logger="timm_nat.attention.backends"):
+        first = na2d(q, k, v, 3, dilation=(2, 3), rpb=rpb)
+        second = na2d(q, k, v, 3, dilation=(2, 3), rpb=rpb)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1, "flex must not be retried for a shape it failed on"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "query [2, 9, 11, 2, 8] float32, kernel (3, 3), dilation (2, 3), with RPB" in warnings[0]
+    assert "OutOfResources: out of resource: shared memory" in warnings[0]
+    with pytest.raises(ValueError, match="'flex' refused this input: flex failed for query"):
+        na2d(q, k, v, 3, dilation=(2, 3), rpb=rpb, backend="flex")
+
+
+def test_flex_does_not_swallow_a_callers_mistake(monkeypatch):
+    from timm_nat.attention import backends, na2d
+    monkeypatch.setattr(backends, "_PREFERENCE", {"cpu": ("flex", "tiled", "reference")})
+    monkeypatch.setitem(backends.BACKENDS, "flex", backends.FlexBackend())
+
+    def bad_argument(*args, **kwargs):
+        raise ValueError("a caller's mistake")
+
+    monkeypatch.setattr(flex, "na2d_flex", bad_argument)
+    q = torch.randn(1, 7, 7, 1, 8)
+    with pytest.raises(ValueError, match="a caller's mistake"):
+        na2d(q, q, q, 3)

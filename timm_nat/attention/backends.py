@@ -8,6 +8,7 @@ flex and NATTEN are imported lazily: they are heavy to import.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Union
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from .reference import exact_where_nonfinite, na2d_reference
 
 __all__ = ["Backend", "Unsupported", "BACKENDS", "preference", "choose"]
+
+_logger = logging.getLogger(__name__)
 
 QueryOrDevice = Union[torch.Tensor, torch.device]
 _TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)  # compares with tuples, rc tags included
@@ -108,15 +111,42 @@ def _fused_why_not(query: QueryOrDevice, needs_grad: bool, importable: bool, pac
 
 
 class FlexBackend(Backend):
-    """``flex_attention`` with a neighbourhood block mask and an RPB ``score_mod`` (:mod:`.flex`)."""
+    """``flex_attention`` with a neighbourhood block mask and an RPB ``score_mod`` (:mod:`.flex`).
+
+    A compile or launch failure in an eager call (a Triton error, out of shared memory or
+    registers for a shape) is :class:`Unsupported`: the automatic choice then moves on to the next
+    backend (``tiled`` on CUDA) with one warning naming the shape and the error, and skips flex for
+    that shape from then on; a forced ``flex`` raises. Inside a caller's ``torch.compile`` graph
+    failures surface at the caller's compilation and are not caught.
+    """
     name = "flex"
+
+    def __init__(self):
+        self._failed: dict[tuple, str] = {}  # shape key -> the error flex gave for it
 
     def why_not(self, query, has_rpb, needs_grad):
         return _fused_why_not(query, needs_grad, flex_importable(), "torch.nn.attention.flex_attention")
 
     def run(self, query, key, value, kernel_size, dilation, rpb, scale):
         from .flex import na2d_flex
-        return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
+        if torch.compiler.is_compiling():
+            return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
+        shape = (tuple(query.shape), query.dtype, query.device.type, tuple(kernel_size), tuple(dilation),
+                 rpb is not None, torch.is_grad_enabled())
+        if shape in self._failed:
+            raise Unsupported(self._failed[shape])
+        try:
+            return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
+        except (ValueError, TypeError):  # a caller's mistake, not a kernel failure
+            raise
+        except Exception as error:  # noqa: BLE001 (Triton, inductor and CUDA raise many types)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            reason = (f"flex failed for query {list(query.shape)} {str(query.dtype).removeprefix('torch.')}, "
+                      f"kernel {tuple(kernel_size)}, dilation {tuple(dilation)}, "
+                      f"{'with' if rpb is not None else 'no'} RPB: {type(error).__name__}: {first_line}")
+            self._failed[shape] = reason
+            _logger.warning("na2d: %s; falling back to the next backend for this shape", reason)
+            raise Unsupported(reason) from error
 
 
 class NattenBackend(Backend):
