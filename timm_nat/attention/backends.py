@@ -116,8 +116,9 @@ class FlexBackend(Backend):
     A compile or launch failure in an eager call (a Triton error, out of shared memory or
     registers for a shape) is :class:`Unsupported`: the automatic choice then moves on to the next
     backend (``tiled`` on CUDA) with one warning naming the shape and the error, and skips flex for
-    that shape from then on; a forced ``flex`` raises. Inside a caller's ``torch.compile`` graph
-    failures surface at the caller's compilation and are not caught.
+    that shape from then on; a forced ``flex`` raises. Not caught: failures inside a caller's
+    ``torch.compile`` graph (they surface at the caller's compilation) and in the backward kernel,
+    which torch compiles at the first ``backward()`` (after the forward has returned).
     """
     name = "flex"
 
