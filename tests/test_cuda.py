@@ -1,5 +1,6 @@
 """CUDA: the golden op and model cases on every CUDA backend, training under AMP and compile,
-detection-size backbones. Run with ``pytest -m cuda`` (tools/gpu_check.sh); skipped without a GPU.
+detection-size backbones. Run with ``pytest -m cuda`` on a CUDA machine with time to spare (the
+lease-sized check is tools/gpu_check.py); skipped without a GPU.
 
 Low-precision bounds (max abs error over max(1, max|golden|), per tensor): the inputs are rounded
 to bf16 (unit roundoff 2**-8) or fp16 (2**-11), which moves unit-scale logits by about
@@ -106,25 +107,25 @@ def test_golden_op_without_rpb(golden, backend, dtype):
             _check(f"case{case['case']}.{name} (no RPB, vs tiled fp32)", grads[name], expected[name].cpu(), grad_bound)
 
 
-GOLDEN_FAMILIES = ["nat_test_tiny", "dinat_test_tiny", "dinat_s_test_tiny", "nat_isotropic_test_tiny",
-                   "dinat_isotropic_test_tiny", "vitrpb_test_tiny"]
-
-
-def _golden_model(golden, tiny_model_kwargs, name):
-    """The golden tiny checkpoint through timm's pretrained path, as the CPU golden tests load it."""
-    if name in ("nat_test_tiny", "dinat_test_tiny"):
-        arch, kwargs = name.replace("_test_tiny", "_mini"), tiny_model_kwargs(name)
-    else:
-        from test_zoo import GOLDEN_TINY  # the kwargs of the other families live there
-        arch, kwargs = GOLDEN_TINY[name]
-    return timm.create_model(arch, pretrained=True, num_classes=10, **kwargs,
-                             pretrained_cfg_overlay=dict(file=str(golden / "orig" / f"{name}.pth"), num_classes=10))
+# golden tiny checkpoint -> converter arguments (tests/golden/README: the DiNAT ones' dilations)
+TINY_DILATIONS = json.dumps({"dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]})
+GOLDEN_FAMILIES = {
+    "nat_test_tiny": ["--model", "nat_mini"],
+    "dinat_test_tiny": ["--model", "dinat_mini", "--model-args", TINY_DILATIONS],
+    "dinat_s_test_tiny": ["--model", "dinat_s_tiny", "--model-args", TINY_DILATIONS],
+    "nat_isotropic_test_tiny": ["--model", "nat_isotropic_small"],
+    "dinat_isotropic_test_tiny": ["--model", "dinat_isotropic_small"],
+    "vitrpb_test_tiny": [],
+}
 
 
 @pytest.mark.parametrize("name", GOLDEN_FAMILIES)
-def test_golden_models_on_cuda(golden, tiny_model_kwargs, name):
-    """Every family's golden logits on CUDA (flex with RPB, the CUDA default), all five inputs."""
-    model = _golden_model(golden, tiny_model_kwargs, name).cuda().eval()
+def test_golden_models_on_cuda(golden, tmp_path, name):
+    """Every family's golden logits on CUDA (flex with RPB, the CUDA default), all five inputs;
+    the original checkpoint converted and loaded as a user would (converter, then local-dir:)."""
+    from timm_nat.convert import main as convert
+    assert convert([str(golden / "orig" / f"{name}.pth"), "-o", str(tmp_path / name), *GOLDEN_FAMILIES[name]]) == 0
+    model = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True).cuda().eval()
     outputs = load_file(golden / "orig" / f"{name}.golden.safetensors")
     with torch.no_grad():
         for j in range(sum(key.startswith("input") for key in outputs)):
