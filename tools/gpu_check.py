@@ -37,6 +37,13 @@ the real run rescales the remaining estimates when steps take longer than assume
 
 Logs and the table go to ``$OUT`` when it is set (the device tool brings them back), else to
 ``--log-dir``. Needs no network and installs nothing: the package runs from this checkout.
+
+On a lent device machine whose image may hold an older timm, carry a timm wheel (prepared here:
+``echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all:
+--python-version 3.12 -d .whl timm==1.0.31``) and make one call, ``timeout_s`` about 540::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
+    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py 2>&1 | tee $OUT/gpu_check.log
 """
 from __future__ import annotations
 
