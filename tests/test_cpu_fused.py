@@ -265,6 +265,7 @@ def test_first_build_says_so_then_a_read_only_cache_is_loaded(tmp_path):
             path.chmod(mode)
     assert second.returncode == 0 and second.stdout.strip() == "OK", second.stderr
     assert "building" not in second.stderr and "unavailable" not in second.stderr
+    assert "No CUDA runtime" not in second.stderr
 
 
 # --- the double backward ----------------------------------------------------------------------------

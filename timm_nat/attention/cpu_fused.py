@@ -50,13 +50,12 @@ _ISA_FLAGS = {
 }
 # The op schemas, defined here once: the C++ source only implements them (the dispatcher checks
 # its signatures against these), and the fake kernels below follow them.
-_SCHEMAS = {
-    "forward": "forward(Tensor query, Tensor key, Tensor value, Tensor? rpb, int[] kernel_size, int[] dilation, "
-               "float scale) -> (Tensor, Tensor)",
-    "backward": "backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
-                "Tensor? rpb, int[] kernel_size, int[] dilation, float scale, bool rpb_grad) "
-                "-> (Tensor, Tensor, Tensor, Tensor)",
-}
+_SCHEMAS = (
+    "forward(Tensor query, Tensor key, Tensor value, Tensor? rpb, int[] kernel_size, int[] dilation, float scale) "
+    "-> (Tensor, Tensor)",
+    "backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? rpb, "
+    "int[] kernel_size, int[] dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 _library: Optional[torch.library.Library] = None  # kept alive: dropping it would remove the ops
 _build_seconds: Optional[float] = None
 
@@ -117,7 +116,7 @@ def _define_library() -> None:
     if _library is not None:
         return
     library = torch.library.Library("timm_nat_na2d", "DEF")
-    for schema in _SCHEMAS.values():
+    for schema in _SCHEMAS:
         library.define(schema)
 
     @torch.library.register_fake("timm_nat_na2d::forward", lib=library)
