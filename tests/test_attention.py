@@ -436,12 +436,12 @@ def test_axis_plan_called_under_inference_mode_caches_plain_tensors(empty_plan_c
 
 # --- scale: one rule for every backend ---------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [None, "cpu_fused", "tiled", "reference"])
+@pytest.mark.parametrize("backend", [None, "cpu_fused", "tiled", "reference", "natten", "flex"])
 @pytest.mark.parametrize("scale", [torch.tensor(0.5), torch.tensor(0.5, requires_grad=True), "0.5", True],
                          ids=["tensor", "tensor_with_grad", "str", "bool"])
 def test_scale_must_be_a_real_number(backend, scale):
-    """Checked up front: a tensor scale lost its gradient on cpu_fused, raised on tiled, was
-    differentiated by the reference; a string was accepted."""
+    """Checked up front, whichever backend would run: a tensor scale lost its gradient on cpu_fused,
+    raised on tiled, was differentiated by the reference; a string was accepted."""
     q, k, v = _qkv()
     with pytest.raises(TypeError, match=rf"scale must be None or a real number \(int or float\), "
                                         rf"got .*\({type(scale).__name__}\)"):
