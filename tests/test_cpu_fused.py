@@ -2,6 +2,7 @@
 
 The extension must build here (CI has a C++ compiler): a build failure fails these tests.
 """
+import contextlib
 import json
 import logging
 import os
@@ -229,20 +230,45 @@ def test_build_name_hashes_source_flags_compiler():
     assert len(others) == 4 and name not in others
 
 
-def _run_python(code, extensions_dir):
+def _run_python(code, extensions_dir, prefix=()):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir), PYTHONPATH=str(_ROOT),
                CUDA_HOME=str(extensions_dir))  # a CUDA_HOME on a machine without a GPU: torch would say so
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
 _RUN_NA2D_ONCE = """
-import torch
+import os, torch
 from timm_nat.attention import cpu_fused, na2d
 q = torch.randn(1, 9, 9, 2, 8, requires_grad=True)
 na2d(q, q, q, 3).sum().backward()
 assert cpu_fused.is_available(), cpu_fused._load()
 print("OK")
 """
+_CACHE_IS_READ_ONLY = """
+import os
+root = os.environ["TORCH_EXTENSIONS_DIR"]
+assert not any(os.access(d, os.W_OK) for d in (root, *(os.path.join(root, n) for n in os.listdir(root)))), \
+    "could not make the cache read-only"
+"""
+
+
+@contextlib.contextmanager
+def _read_only(directory):
+    """A command prefix under which ``directory`` is read-only: file modes for a normal user; for
+    root, whom modes do not stop, a read-only bind mount in a private user and mount namespace."""
+    if os.geteuid() == 0:
+        yield ["unshare", "--map-root-user", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+               str(directory)]
+        return
+    paths = [directory, *directory.iterdir()]
+    modes = {path: path.stat().st_mode for path in paths}
+    try:
+        for path in paths:
+            path.chmod(0o555)
+        yield []
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
 
 
 def test_first_build_says_so_then_a_read_only_cache_is_loaded(tmp_path):
@@ -255,14 +281,8 @@ def test_first_build_says_so_then_a_read_only_cache_is_loaded(tmp_path):
     assert f"building the fused CPU attention kernel (about 20 s, once per torch version and kernel source); " \
            f"cached in {build}" in first.stderr
     assert first.stderr.count("building the fused CPU") == 1 and "No CUDA runtime" not in first.stderr
-    modes = {path: path.stat().st_mode for path in (tmp_path, build)}
-    try:
-        for path in modes:
-            path.chmod(0o555)
-        second = _run_python(_RUN_NA2D_ONCE, tmp_path)
-    finally:
-        for path, mode in modes.items():
-            path.chmod(mode)
+    with _read_only(tmp_path) as prefix:
+        second = _run_python(_CACHE_IS_READ_ONLY + _RUN_NA2D_ONCE, tmp_path, prefix)
     assert second.returncode == 0 and second.stdout.strip() == "OK", second.stderr
     assert "building" not in second.stderr and "unavailable" not in second.stderr
     assert "No CUDA runtime" not in second.stderr
