@@ -432,3 +432,27 @@ def test_axis_plan_called_under_inference_mode_caches_plain_tensors(empty_plan_c
         plan = tiled.axis_plan(13, 3, 2, 4)
     assert not any(t.is_inference() for t in plan)
     assert all(t.device.type == "cpu" for t in plan)
+
+
+# --- scale: one rule for every backend ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [None, "cpu_fused", "tiled", "reference", "natten", "flex"])
+@pytest.mark.parametrize("scale", [torch.tensor(0.5), torch.tensor(0.5, requires_grad=True), "0.5", True],
+                         ids=["tensor", "tensor_with_grad", "str", "bool"])
+def test_scale_must_be_a_real_number(backend, scale):
+    """Checked up front, whichever backend would run: a tensor scale lost its gradient on cpu_fused,
+    raised on tiled, was differentiated by the reference; a string was accepted."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=rf"scale must be None or a real number \(int or float\), "
+                                        rf"got .*\({type(scale).__name__}\)"):
+        na2d(q, k, v, 3, scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [None, "cpu_fused", "tiled", "reference"])
+def test_scale_may_be_an_int_or_numpy_float(backend):
+    import numpy as np
+    gen = torch.Generator().manual_seed(20)
+    q, k, v = (torch.randn(1, 9, 9, 2, 8, generator=gen) for _ in range(3))
+    expected = na2d_reference(q, k, v, (3, 3), (1, 1), None, 2.0)
+    for scale in (2, np.float64(2.0)):
+        torch.testing.assert_close(na2d(q, k, v, 3, scale=scale, backend=backend), expected, rtol=0, atol=2e-6)

@@ -2,17 +2,24 @@
 
 The extension must build here (CI has a C++ compiler): a build failure fails these tests.
 """
+import contextlib
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from timm_nat.attention import cpu_fused
+from timm_nat.attention import available_backends, cpu_fused, na2d
 from timm_nat.attention.cpu_fused import na2d_cpu_fused
 from timm_nat.attention.reference import na2d_reference
+
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -174,14 +181,6 @@ def test_empty_batch():
     assert q.grad.shape == q.shape and torch.equal(rpb.grad, torch.zeros_like(rpb))
 
 
-def test_can_run():
-    q = torch.zeros(1, 9, 9, 2, 8)
-    assert cpu_fused.can_run(q, has_rpb=True, needs_grad=True)
-    assert cpu_fused.can_run(q.bfloat16(), has_rpb=False, needs_grad=False)
-    assert not cpu_fused.can_run(q.to("meta"), has_rpb=True, needs_grad=False)
-    assert not cpu_fused.can_run(q.to(torch.complex64), has_rpb=True, needs_grad=False)
-
-
 def test_no_compiler_means_one_log_line_and_no_kernel(monkeypatch, caplog):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     reason = cpu_fused._load.__wrapped__()
@@ -190,9 +189,224 @@ def test_no_compiler_means_one_log_line_and_no_kernel(monkeypatch, caplog):
     monkeypatch.setattr(cpu_fused, "_availability", None)
     with caplog.at_level(logging.WARNING, logger="timm_nat.attention.cpu_fused"):
         assert not cpu_fused.is_available() and not cpu_fused.is_available()
-        assert not cpu_fused.can_run(torch.zeros(1, 9, 9, 2, 8), has_rpb=True, needs_grad=True)
+        assert "cpu_fused" not in available_backends("cpu", has_rpb=True, needs_grad=True)
     assert [r.getMessage() for r in caplog.records] == [
         f"na2d: fused CPU kernel unavailable ({reason}); the 'tiled' backend is used instead"]
+
+
+def test_a_compiler_command_with_arguments_is_a_compiler(monkeypatch):
+    """CXX="ccache g++": only the first word must be on PATH (env stands in for ccache here)."""
+    monkeypatch.setenv("CXX", "env c++")
+    built = []
+    monkeypatch.setattr(cpu_fused, "_load_library", lambda *args: built.append(args))
+    assert cpu_fused._load.__wrapped__() is None
+    assert len(built) == 1
+
+
+def test_a_failed_load_means_unavailable_and_na2d_falls_back_to_tiled(monkeypatch):
+    """A library that loads but does not run the ops (here: the smoke call fails) is "unavailable",
+    never an "operator does not exist" from na2d."""
+    def no_kernel():
+        raise NotImplementedError("Could not run 'timm_nat_na2d::forward' with arguments from the 'CPU' backend.")
+    monkeypatch.setattr(cpu_fused, "_smoke_test", no_kernel)
+    reason = cpu_fused._load.__wrapped__()
+    assert reason is not None and "Could not run 'timm_nat_na2d::forward'" in reason
+    monkeypatch.setattr(cpu_fused, "_load", lambda: reason)
+    monkeypatch.setattr(cpu_fused, "_availability", None)
+    assert available_backends("cpu", has_rpb=True, needs_grad=True) == ["tiled", "reference"]
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 9, 8, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen)
+    torch.testing.assert_close(na2d(q, k, v, 3, rpb=rpb), na2d_reference(q, k, v, (3, 3), (1, 1), rpb, 8 ** -0.5),
+                               rtol=0, atol=2e-6)
+
+
+def test_build_name_hashes_source_flags_compiler():
+    name = cpu_fused._extension_name(b"source", ["-O3"], "c++")
+    assert name.startswith("timm_nat_na2d_cpu_") and name == cpu_fused._extension_name(b"source", ["-O3"], "c++")
+    others = {cpu_fused._extension_name(b"source2", ["-O3"], "c++"), cpu_fused._extension_name(b"source", ["-O2"], "c++"),
+              cpu_fused._extension_name(b"source", ["-O3", "-mavx2"], "c++"),
+              cpu_fused._extension_name(b"source", ["-O3"], "ccache c++")}
+    assert len(others) == 4 and name not in others
+
+
+def _run_python(code, extensions_dir, prefix=()):
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_dir), PYTHONPATH=str(_ROOT),
+               CUDA_HOME=str(extensions_dir))  # a CUDA_HOME on a machine without a GPU: torch would say so
+    return subprocess.run([*prefix, sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+_RUN_NA2D_ONCE = """
+import os, torch
+from timm_nat.attention import cpu_fused, na2d
+q = torch.randn(1, 9, 9, 2, 8, requires_grad=True)
+na2d(q, q, q, 3).sum().backward()
+assert cpu_fused.is_available(), cpu_fused._load()
+print("OK")
+"""
+_CACHE_IS_READ_ONLY = """
+import os
+root = os.environ["TORCH_EXTENSIONS_DIR"]
+assert not any(os.access(d, os.W_OK) for d in (root, *(os.path.join(root, n) for n in os.listdir(root)))), \
+    "could not make the cache read-only"
+"""
+
+
+@contextlib.contextmanager
+def _read_only(directory):
+    """A command prefix under which ``directory`` is read-only: file modes for a normal user; for
+    root, whom modes do not stop, a read-only bind mount in a private user and mount namespace."""
+    if os.geteuid() == 0:
+        yield ["unshare", "--map-root-user", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+               str(directory)]
+        return
+    paths = [directory, *directory.iterdir()]
+    modes = {path: path.stat().st_mode for path in paths}
+    try:
+        for path in paths:
+            path.chmod(0o555)
+        yield []
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+
+
+def test_first_build_says_so_then_a_read_only_cache_is_loaded(tmp_path):
+    """In fresh processes: a first build logs one WARNING naming its directory (and no torch
+    "No CUDA runtime" line); then, with the directory read-only, the build is loaded as it is."""
+    first = _run_python(_RUN_NA2D_ONCE, tmp_path)
+    assert first.returncode == 0 and first.stdout.strip() == "OK", first.stderr
+    (build,) = tmp_path.iterdir()
+    assert (build / f"{build.name}.so").is_file()
+    assert f"building the fused CPU attention kernel (about 20 s, once per torch version and kernel source); " \
+           f"cached in {build}" in first.stderr
+    assert first.stderr.count("building the fused CPU") == 1 and "No CUDA runtime" not in first.stderr
+    with _read_only(tmp_path) as prefix:
+        second = _run_python(_CACHE_IS_READ_ONLY + _RUN_NA2D_ONCE, tmp_path, prefix)
+    assert second.returncode == 0 and second.stdout.strip() == "OK", second.stderr
+    assert "building" not in second.stderr and "unavailable" not in second.stderr
+    assert "No CUDA runtime" not in second.stderr
+
+
+# --- the double backward ----------------------------------------------------------------------------
+
+def _hessian_vector_products(fn, inputs, grad_out, directions):
+    """d/d(inputs) of sum_i <d(out . grad_out)/d(input_i), direction_i> (a gradient penalty's form)."""
+    q, k, v, rpb = inputs
+    out = fn(q, k, v, (3, 2), (2, 1), rpb, 0.4)
+    grads = torch.autograd.grad((out * grad_out).sum(), inputs, create_graph=True)
+    penalty = sum((g * d).sum() for g, d in zip(grads, directions))
+    return torch.autograd.grad(penalty, inputs)
+
+
+def test_double_backward_matches_reference():
+    """create_graph=True then a second grad: equal to the gather reference's, for q, k, v and rpb
+    (it was all zeros: the fused backward op has no autograd kernel)."""
+    gen = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(2, 7, 5, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    inputs.append(torch.randn(2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True))
+    grad_out = torch.randn(2, 7, 5, 2, 3, generator=gen, dtype=torch.float64)
+    directions = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in inputs]
+    ours = _hessian_vector_products(na2d_cpu_fused, inputs, grad_out, directions)
+    expected = _hessian_vector_products(na2d_reference, inputs, grad_out, directions)
+    for name, a, b in zip(("q", "k", "v", "rpb"), ours, expected):
+        assert b.abs().max() > 0.1, name  # a real second derivative, not a vacuous zero
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradgradcheck():
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 4, 4, 1, 2, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda *x: na2d_cpu_fused(*x[:3], (2, 2), (2, 1), x[3], 0.7), (q, k, v, rpb))
+
+
+def test_bf16_double_backward_keeps_dtypes():
+    """Through na2d (cpu_fused by default) with bf16 inputs and an fp32 rpb: first-order gradients in
+    the inputs' dtypes, second order equal to fp32 math on the same values within bf16 rounding."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 6, 6, 2, 4, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen, requires_grad=True)
+    out = na2d(q, k, v, 3, rpb=rpb, backend="cpu_fused")
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, rpb), create_graph=True)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3 + [torch.float32]
+    (second,) = torch.autograd.grad(sum(g.float().square().sum() for g in grads), rpb)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v, rpb)]
+    ref_out = na2d_reference(*wide[:3], (3, 3), (1, 1), wide[3], 4 ** -0.5)
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), wide, create_graph=True)
+    (expected,) = torch.autograd.grad(sum(g.square().sum() for g in ref_grads), wide[3])
+    assert second.abs().max() > 0.1
+    torch.testing.assert_close(second.double(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+# --- the op's own argument checks -------------------------------------------------------------------
+
+def _op_arguments(**changes):
+    """Valid arguments of the forward and backward ops ([1, 9, 8, 2, 4] fp32, kernel (3, 2), dilation
+    (2, 3)), with ``changes`` applied to both where they apply."""
+    gen = torch.Generator().manual_seed(14)
+    q, k, v, grad_out = (torch.randn(1, 9, 8, 2, 4, generator=gen) for _ in range(4))
+    args = dict(query=q, key=k, value=v, rpb=torch.randn(2, 5, 3, generator=gen), kernel_size=[3, 2],
+                dilation=[2, 3], scale=0.5)
+    out, lse = torch.ops.timm_nat_na2d.forward(*args.values())
+    args.update(changes)
+    forward = [args[n] for n in ("query", "key", "value", "rpb", "kernel_size", "dilation", "scale")]
+    backward = dict(grad_out=grad_out, out=out, lse=lse, rpb_grad=True)
+    backward.update({n: v for n, v in changes.items() if n in backward})
+    backward_args = [backward["grad_out"], *forward[:3], backward["out"], backward["lse"], *forward[3:],
+                     backward["rpb_grad"]]
+    return forward, backward_args
+
+
+_BAD_OP_ARGUMENTS = {
+    "rpb_too_small": (dict(rpb=torch.zeros(2, 3, 3)), r"rpb must be \[heads, 2\*kh-1, 2\*kw-1\] = \[2, 5, 3\], got \[2, 3, 3\]"),
+    "rpb_other_dtype": (dict(rpb=torch.zeros(2, 5, 3, dtype=torch.float64)), "rpb must have query's dtype Float"),
+    "key_other_shape": (dict(key=torch.zeros(1, 9, 8, 2, 5)), r"key must have query's shape \[1, 9, 8, 2, 4\]"),
+    "value_other_dtype": (dict(value=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float64)), "value must have query's dtype"),
+    "query_4d": (dict(query=torch.zeros(9, 8, 2, 4)), r"query must be \[B, H, W, heads, D\]"),
+    "query_int": (dict(query=torch.zeros(1, 9, 8, 2, 4, dtype=torch.int32)), "query must be float32 or float64"),
+    "dilation_0": (dict(dilation=[0, 1]), r"dilation must be >= 1, got \[0, 1\]"),
+    "kernel_0": (dict(kernel_size=[0, 2]), r"kernel_size must be >= 1, got \[0, 2\]"),
+    "kernel_negative": (dict(kernel_size=[3, -1]), r"kernel_size must be >= 1, got \[3, -1\]"),
+    "kernel_times_dilation_overflows": (dict(kernel_size=[2, 2], dilation=[2**62 + 1, 1]),
+                                        "height 9 is smaller than kernel_size \\* dilation"),
+    "kernel_times_dilation_too_wide": (dict(dilation=[2, 5]), "width 8 is smaller than kernel_size \\* dilation"),
+    "kernel_triple": (dict(kernel_size=[3, 2, 1]), "kernel_size must have 2 entries"),
+}
+_BAD_BACKWARD_ARGUMENTS = {
+    "lse_other_shape": (dict(lse=torch.zeros(1, 9, 8, 1)), r"lse must be \[B, H, W, heads\] = \[1, 9, 8, 2\], got \[1, 9, 8, 1\]"),
+    "lse_strided": (dict(lse=torch.zeros(1, 9, 8, 4)[..., ::2]), "lse must be contiguous"),
+    "lse_other_dtype": (dict(lse=torch.zeros(1, 9, 8, 2, dtype=torch.float64)), "lse must be a CPU tensor of query's dtype"),
+    "grad_out_other_shape": (dict(grad_out=torch.zeros(1, 9, 7, 2, 4)), r"grad_out must have query's shape \[1, 9, 8, 2, 4\]"),
+    "grad_out_other_dtype": (dict(grad_out=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float64)), "grad_out must have query's dtype"),
+    "out_other_shape": (dict(out=torch.zeros(1, 9, 8, 2, 2)), r"out must have query's shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_OP_ARGUMENTS), ids=str)
+def test_op_checks_its_arguments(case):
+    """Called directly (the op is public), a bad argument is a RuntimeError naming it, in both ops."""
+    changes, message = _BAD_OP_ARGUMENTS[case]
+    forward, backward = _op_arguments(**changes)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.timm_nat_na2d.forward(*forward)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.timm_nat_na2d.backward(*backward)
+
+
+@pytest.mark.parametrize("case", list(_BAD_BACKWARD_ARGUMENTS), ids=str)
+def test_backward_op_checks_its_arguments(case):
+    changes, message = _BAD_BACKWARD_ARGUMENTS[case]
+    _, backward = _op_arguments(**changes)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.timm_nat_na2d.backward(*backward)
+
+
+def test_op_accepts_kernel_one():
+    """kernel 1 (below na2d's legacy minimum of 2) is still valid math for the op: each query sees its own key."""
+    forward, _ = _op_arguments(kernel_size=[1, 1], rpb=torch.zeros(2, 1, 1))
+    out, _ = torch.ops.timm_nat_na2d.forward(*forward)
+    torch.testing.assert_close(out, forward[2], rtol=0, atol=0)
 
 
 def test_torch_compile_fullgraph():

@@ -6,28 +6,38 @@ The backward recomputes probabilities from the saved logsumexp; dk and dv are ga
 over the queries whose windows hold it (deterministic, no atomics). Source:
 ``csrc/na2d_cpu.cpp``; semantics are legacy NATTEN's (see :mod:`.windows`).
 
-The extension is built with ``torch.utils.cpp_extension.load`` the first time it is needed and
-cached (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), for the vector ISA torch
-itself dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``), so the package
-installs without a compiler. Where it cannot be built, :func:`is_available` is False (logged
-once) and ``tiled`` stays the CPU backend. Computation is in float32 (float64 for float64
-inputs); bf16/fp16 inputs are widened on the way in and the result rounded once on the way out.
+The extension is built with ``torch.utils.cpp_extension.load`` the first time it is needed, for
+the vector ISA torch itself dispatches to on this CPU (``torch.backends.cpu.get_cpu_capability()``),
+so the package installs without a compiler. The build directory under ``$TORCH_EXTENSIONS_DIR``
+(default ``~/.cache/torch_extensions``) is named by a hash of the source, the flags, the compiler
+and torch: each kernel source builds once per torch (one WARNING line says so) and is then loaded
+directly, also from a read-only directory. Where it cannot be built or loaded, :func:`is_available`
+is False (logged once) and ``tiled`` stays the CPU backend. Computation is in float32 (float64 for
+float64 inputs); bf16/fp16 inputs are widened on the way in and the result rounded once on the way
+out. Second-order gradients (``create_graph=True``) are exact: that backward recomputes with the
+differentiable gather reference (:func:`.reference.na2d_reference`), which needs
+``O(tokens * kh * kw * head_dim)`` memory.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
 import platform
-import re
+import shlex
 import shutil
+import sys
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["is_available", "can_run", "na2d_cpu_fused", "build_seconds"]
+from .reference import na2d_reference
+
+__all__ = ["is_available", "na2d_cpu_fused", "build_seconds"]
 
 _logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "na2d_cpu.cpp")
@@ -38,6 +48,15 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
+# The op schemas, defined here once: the C++ source only implements them (the dispatcher checks
+# its signatures against these), and the fake kernels below follow them.
+_SCHEMAS = (
+    "forward(Tensor query, Tensor key, Tensor value, Tensor? rpb, int[] kernel_size, int[] dilation, float scale) "
+    "-> (Tensor, Tensor)",
+    "backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? rpb, "
+    "int[] kernel_size, int[] dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+_library: Optional[torch.library.Library] = None  # kept alive: dropping it would remove the ops
 _build_seconds: Optional[float] = None
 
 
@@ -46,43 +65,122 @@ def _capability() -> str:
     return capability if capability in _ISA_FLAGS else "DEFAULT"
 
 
+def _flags(capability: str) -> list[str]:
+    flags = ["-O3", f"-DCPU_CAPABILITY={capability}"]
+    if capability != "DEFAULT":
+        flags += [f"-DCPU_CAPABILITY_{capability}"] + _ISA_FLAGS[capability]
+    return flags
+
+
+def _extension_name(source: bytes, flags: Sequence[str], compiler: str) -> str:
+    """The build's name: a hash of everything the binary depends on, so that one build is never
+    loaded for another source, flag set, compiler or torch (and equal ones share it)."""
+    digest = hashlib.sha256(source)
+    for part in (*flags, compiler, torch.__version__, str(torch.version.git_version), sys.implementation.cache_tag):
+        digest.update(b"\0" + str(part).encode())
+    return f"timm_nat_na2d_cpu_{digest.hexdigest()[:16]}"
+
+
+def _build_root() -> str:
+    """Where torch's JIT builds extensions (``$TORCH_EXTENSIONS_DIR``, else torch's per-user cache)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return root
+    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "torch_extensions")
+
+
+class _DropNoCudaRuntime(logging.Filter):
+    """Drops torch's ``No CUDA runtime is found, using CUDA_HOME=...``, logged when
+    ``torch.utils.cpp_extension`` is imported on a machine with a CUDA toolkit but no GPU: our
+    CPU build does not use CUDA, so the line only misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+@contextlib.contextmanager
+def _no_cuda_runtime_warning():
+    extension_logger = logging.getLogger("torch.utils.cpp_extension")
+    drop = _DropNoCudaRuntime()
+    extension_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        extension_logger.removeFilter(drop)
+
+
+def _define_library() -> None:
+    """Define the ops (once per process) and their fake kernels (shapes for torch.compile and meta
+    tensors: the ops are opaque to inductor). The C++ extension registers the CPU implementations."""
+    global _library
+    if _library is not None:
+        return
+    library = torch.library.Library("timm_nat_na2d", "DEF")
+    for schema in _SCHEMAS:
+        library.define(schema)
+
+    @torch.library.register_fake("timm_nat_na2d::forward", lib=library)
+    def _forward_fake(query, key, value, rpb, kernel_size, dilation, scale):
+        return query.new_empty(query.shape), query.new_empty(query.shape[:4])
+
+    @torch.library.register_fake("timm_nat_na2d::backward", lib=library)
+    def _backward_fake(grad_out, query, key, value, out, lse, rpb, kernel_size, dilation, scale, rpb_grad):
+        drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else query.new_empty(0)
+        return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), drpb
+
+    _library = library
+
+
+def _load_library(directory: str, name: str, flags: list[str]) -> None:
+    """Load the build in ``directory``, building it first if it is not there. A finished build is
+    loaded directly (no ninja run, no write): from a read-only cache too, and whichever checkout's
+    path its build file names."""
+    library_path = os.path.join(directory, f"{name}.so")
+    if os.path.exists(library_path) and not os.access(directory, os.W_OK):
+        torch.ops.load_library(library_path)
+        return
+    os.makedirs(directory, exist_ok=True)
+    from filelock import FileLock  # a torch dependency; the lock torch's own build takes too
+    with FileLock(os.path.join(directory, "lock")):  # a concurrent first build finishes before we look
+        if os.path.exists(library_path):
+            torch.ops.load_library(library_path)
+            return
+    _logger.warning("building the fused CPU attention kernel (about 20 s, once per torch version and kernel "
+                    "source); cached in %s", directory)
+    with _no_cuda_runtime_warning():
+        from torch.utils.cpp_extension import load
+    load(name=name, sources=[_SOURCE], extra_cflags=flags, build_directory=directory, is_python_module=False,
+         verbose=False)
+
+
+def _smoke_test() -> None:
+    """One tiny call: raises unless the loaded library implements the ops on CPU."""
+    ones = torch.ones(1, 2, 2, 1, 1)
+    torch.ops.timm_nat_na2d.forward(ones, ones, ones, None, [2, 2], [1, 1], 1.0)
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> Optional[str]:
     """Build (or load the cached build of) the extension; None on success, else why not."""
     global _build_seconds
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler!r} not on PATH)"
-    capability = _capability()
-    flags = ["-O3", f"-DCPU_CAPABILITY={capability}"]
-    if capability != "DEFAULT":
-        flags += [f"-DCPU_CAPABILITY_{capability}"] + _ISA_FLAGS[capability]
+    command = shlex.split(os.environ.get("CXX", "c++")) or ["c++"]  # e.g. CXX="ccache g++"
+    if shutil.which(command[0]) is None:
+        return f"no C++ compiler ({command[0]!r} not on PATH)"
+    flags = _flags(_capability())
+    with open(_SOURCE, "rb") as source:
+        name = _extension_name(source.read(), flags, " ".join(command))
+    directory = os.path.join(_build_root(), name)
     start = time.perf_counter()
-    try:
-        from torch.utils.cpp_extension import load
-        # one build per torch version too: an extension built against other torch headers must not be reused
-        torch_tag = re.sub(r"\W", "_", torch.__version__)
-        load(name=f"timm_nat_na2d_cpu_{capability.lower()}_torch_{torch_tag}", sources=[_SOURCE], extra_cflags=flags,
-             is_python_module=False, verbose=False)
-    except Exception as error:  # compiler errors, missing headers, ninja: all mean "use tiled"
-        lines = str(error).strip().splitlines() or ["?"]
+    try:  # anything failing here (compiler, headers, ninja, a foreign or broken build) means "use tiled"
+        _define_library()
+        _load_library(directory, name, flags)
+        _smoke_test()
+    except Exception as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
         first_error = next((line for line in lines if "error:" in line), lines[-1])
-        return f"building {os.path.basename(_SOURCE)} failed: {first_error.strip()[:300]}"
+        return f"building or loading {os.path.basename(_SOURCE)} failed: {first_error.strip()[:300]}"
     _build_seconds = time.perf_counter() - start
-    _register_fake_kernels()
     return None
-
-
-def _register_fake_kernels() -> None:
-    """Shapes for tracing (torch.compile, meta tensors): the ops are opaque to inductor."""
-    @torch.library.register_fake("timm_nat_na2d::forward")
-    def _forward_fake(query, key, value, rpb, kernel_size, dilation, scale):
-        return query.new_empty(query.shape), query.new_empty(query.shape[:4])
-
-    @torch.library.register_fake("timm_nat_na2d::backward")
-    def _backward_fake(grad_out, query, key, value, out, lse, rpb, kernel_size, dilation, scale, rpb_grad):
-        drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else query.new_empty(0)
-        return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), drpb
 
 
 _availability: Optional[bool] = None
@@ -108,18 +206,16 @@ def build_seconds() -> Optional[float]:
     return _build_seconds
 
 
-def can_run(query: torch.Tensor, has_rpb: bool, needs_grad: bool) -> bool:
-    """Whether :func:`na2d_cpu_fused` runs on ``query`` (CPU, a float dtype; RPB and autograd are
-    both supported, so ``has_rpb`` and ``needs_grad`` do not restrict it)."""
-    return query.device.type == "cpu" and query.dtype in SUPPORTED_DTYPES and is_available()
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _FusedNA2D(torch.autograd.Function):
-    """Autograd for the fused kernel: saves the inputs, the (compute dtype) output and the logsumexp."""
+    """Autograd for the fused kernel: saves the inputs, the (compute dtype) output and the logsumexp.
+
+    The backward is the fused kernel; under ``create_graph=True`` (grad mode on in backward) it is
+    recomputed with differentiable formulas instead, so that second-order gradients are exact.
+    """
 
     @staticmethod
     def forward(ctx, query, key, value, rpb, kernel_size, dilation, scale):
@@ -127,26 +223,50 @@ class _FusedNA2D(torch.autograd.Function):
         q, k, v = (t.to(compute) for t in (query, key, value))
         table = rpb.to(compute) if rpb is not None else None
         out, lse = torch.ops.timm_nat_na2d.forward(q, k, v, table, list(kernel_size), list(dilation), float(scale))
-        ctx.save_for_backward(q, k, v, table, out, lse)
-        ctx.config = (list(kernel_size), list(dilation), float(scale), query.dtype, None if rpb is None else rpb.dtype)
+        # the inputs themselves (not their compute-dtype copies): a double backward differentiates through them
+        ctx.save_for_backward(query, key, value, rpb, out, lse)
+        ctx.config = (list(kernel_size), list(dilation), float(scale))
         return out.to(query.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, table, out, lse = ctx.saved_tensors
-        kernel_size, dilation, scale, dtype, rpb_dtype = ctx.config
-        rpb_grad = table is not None and ctx.needs_input_grad[3]
+        query, key, value, rpb, out, lse = ctx.saved_tensors
+        kernel_size, dilation, scale = ctx.config
+        if torch.is_grad_enabled():
+            return (*_differentiable_grads(ctx, grad_out, query, key, value, rpb), None, None, None)
+        compute = _compute_dtype(query.dtype)
+        q, k, v = (t.to(compute) for t in (query, key, value))
+        table = rpb.to(compute) if rpb is not None else None
+        rpb_grad = rpb is not None and ctx.needs_input_grad[3]
         dq, dk, dv, drpb = torch.ops.timm_nat_na2d.backward(
-            grad_out.to(q.dtype), q, k, v, out, lse, table, kernel_size, dilation, scale, rpb_grad)
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), drpb.to(rpb_dtype) if rpb_grad else None, None, None, None
+            grad_out.to(compute), q, k, v, out, lse, table, kernel_size, dilation, scale, rpb_grad)
+        dtype = query.dtype
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), drpb.to(rpb.dtype) if rpb_grad else None, None, None, None
+
+
+def _differentiable_grads(ctx, grad_out, query, key, value, rpb) -> list[Optional[torch.Tensor]]:
+    """The gradients of q, k, v, rpb as a differentiable function of the inputs and ``grad_out``
+    (the backward under ``create_graph=True``): the gather reference's vector-Jacobian product."""
+    kernel_size, dilation, scale = ctx.config
+    inputs = (query, key, value, rpb)
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:4]) if needed]
+    compute = _compute_dtype(query.dtype)
+    with torch.enable_grad():
+        out = na2d_reference(*(t.to(compute) for t in inputs[:3]), kernel_size, dilation, rpb, scale)
+        found = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out.to(compute), create_graph=True,
+                                    allow_unused=True)
+    grads: list[Optional[torch.Tensor]] = [None] * 4
+    for i, grad in zip(wanted, found):
+        grads[i] = torch.zeros_like(inputs[i]) if grad is None else grad
+    return grads
 
 
 def na2d_cpu_fused(query, key, value, kernel_size, dilation, rpb, scale):
-    """Exact neighborhood attention with RPB by the fused CPU kernel, with autograd.
+    """Exact neighborhood attention with RPB by the fused CPU kernel, with autograd (second order too).
 
     Arguments as :func:`timm_nat.attention.na2d`, validated (kernel_size and dilation pairs,
-    ``scale`` a float); layout ``[batch, height, width, heads, head_dim]``. Call only where
-    :func:`can_run` is True.
+    ``scale`` a real number); layout ``[batch, height, width, heads, head_dim]``. ``na2d`` calls
+    it where its ``cpu_fused`` backend can run.
     """
     if not is_available():
         raise RuntimeError(f"the fused CPU na2d kernel is unavailable: {_load()}")

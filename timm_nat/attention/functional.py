@@ -68,7 +68,16 @@ def int_pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _check_inputs(query, key, value, kernel_size, dilation, rpb):
+def _check_scale(scale) -> None:
+    """``scale`` is None or a real number (a Python or NumPy int/float, not a bool): a tensor is
+    refused on every backend, as some would silently not differentiate it."""
+    real = isinstance(scale, (numbers.Real, torch.SymInt, torch.SymFloat)) and not isinstance(scale, bool)
+    if scale is not None and not real:
+        raise TypeError(f"scale must be None or a real number (int or float), got {scale!r} ({type(scale).__name__})")
+
+
+def _check_inputs(query, key, value, kernel_size, dilation, rpb, scale):
+    _check_scale(scale)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -192,7 +201,8 @@ def na2d(
         dilation: int or ``(dh, dw)``; ``height >= kh * dh`` and ``width >= kw * dw`` are required.
         rpb: optional relative positional bias ``[heads, 2*kh-1, 2*kw-1]`` added to the logits,
             on query's device (any floating dtype; cast to query's).
-        scale: logit scale, default ``head_dim ** -0.5``.
+        scale: logit scale, a real number (int or float; not a tensor, on every backend), default
+            ``head_dim ** -0.5``.
         backend: force a backend for this call (beats :func:`use_backend` and the environment
             variable); None: as :func:`select_backend` decides.
 
@@ -212,7 +222,7 @@ def na2d(
 
 
 def _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend) -> torch.Tensor:
-    kernel_size, dilation = _check_inputs(query, key, value, kernel_size, dilation, rpb)
+    kernel_size, dilation = _check_inputs(query, key, value, kernel_size, dilation, rpb, scale)
     if scale is None:
         scale = float(query.shape[-1]) ** -0.5
     has_rpb = rpb is not None

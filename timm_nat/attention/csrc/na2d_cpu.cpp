@@ -135,6 +135,14 @@ struct HeadVec<T, 0> {
   void store(T* y, T alpha) const { for (size_t d = 0; d < r.size(); ++d) y[d] = r[d] * alpha; }
 };
 
+// Lanes the padded window is rounded to: every loop over it steps by Vectorized<T>::size() and
+// must end exactly at padded_window.
+constexpr int64_t kWindowLanes = 16;
+static_assert(kWindowLanes >= Vectorized<float>::size() && kWindowLanes % Vectorized<float>::size() == 0,
+              "the padded window must be a whole number of float vectors");
+static_assert(kWindowLanes >= Vectorized<double>::size() && kWindowLanes % Vectorized<double>::size() == 0,
+              "the padded window must be a whole number of double vectors");
+
 // Everything one call needs about the problem.
 struct Problem {
   int64_t batch, height, width, heads, dim, kh, kw, window, padded_window, bias_h, bias_w;
@@ -142,10 +150,12 @@ struct Problem {
   Problem(const at::Tensor& q, at::IntArrayRef kernel, at::IntArrayRef dilation)
       : batch(q.size(0)), height(q.size(1)), width(q.size(2)), heads(q.size(3)), dim(q.size(4)),
         kh(kernel[0]), kw(kernel[1]), window(kernel[0] * kernel[1]),
-        padded_window(0), bias_h(2 * kernel[0] - 1), bias_w(2 * kernel[1] - 1),
-        rows(q.size(1), kernel[0], dilation[0]), cols(q.size(2), kernel[1], dilation[1]) {
-    constexpr int64_t lanes = 16;  // >= any Vectorized<T>::size() used here
-    padded_window = (window + lanes - 1) / lanes * lanes;
+        padded_window((kernel[0] * kernel[1] + kWindowLanes - 1) / kWindowLanes * kWindowLanes),
+        bias_h(2 * kernel[0] - 1), bias_w(2 * kernel[1] - 1),
+        rows(q.size(1), kernel[0], dilation[0]), cols(q.size(2), kernel[1], dilation[1]) {}
+  // Flat index of query (b, i, j, head) in [B, H, W, heads] (the logsumexp's layout).
+  int64_t query_index(int64_t b, int64_t i, int64_t j, int64_t head) const {
+    return ((b * height + i) * width + j) * heads + head;
   }
 };
 
@@ -213,7 +223,7 @@ void forward_kernel(const Problem& p, const at::Tensor& query, const at::Tensor&
           for (int64_t ti = 0; ti < p.kh; ++ti, value_row += row_step)
             for (int64_t tj = 0; tj < p.kw; ++tj) acc.axpy(probs[ti * p.kw + tj], value_row + tj * col_step);
           acc.store(o + os.at(b, i, j, head), T(1) / total);
-          l[((b * p.height + i) * p.width + j) * p.heads + head] = shift + std::log(total);
+          l[p.query_index(b, i, j, head)] = shift + std::log(total);
         }
       }
     }
@@ -258,7 +268,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
         const int64_t b = row / p.height, i = row % p.height;
         for (int64_t j = 0; j < p.width; ++j) {
           for (int64_t head = 0; head < p.heads; ++head) {
-            const int64_t query_index = ((b * p.height + i) * p.width + j) * p.heads + head;
+            const int64_t query_index = p.query_index(b, i, j, head);
             scaled_q.load(q + qs.at(b, i, j, head), scale);
             window_logits(p, scaled_q, k, ks, rpb, b, i, j, head, logits.data());
             exp_shifted(logits.data(), l[query_index], probs.data(), p.padded_window);
@@ -302,7 +312,7 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
             const int64_t i = p.rows.inverse_query[a], ti = p.rows.inverse_slot[a];
             for (int64_t e = p.cols.inverse_begin[c]; e < p.cols.inverse_begin[c + 1]; ++e) {
               const int64_t j = p.cols.inverse_query[e], tj = p.cols.inverse_slot[e];
-              const int64_t pair = (((b * p.height + i) * p.width + j) * p.heads + head) * p.window + ti * p.kw + tj;
+              const int64_t pair = p.query_index(b, i, j, head) * p.window + ti * p.kw + tj;
               dv_acc.axpy(probs_all[pair], g + gs.at(b, i, j, head));
               dk_acc.axpy(dlogits_all[pair], q + qs.at(b, i, j, head));
             }
@@ -336,30 +346,59 @@ void with_head_vectors(int64_t dim, Fn&& fn) {
 
 at::Tensor head_dim_contiguous(const at::Tensor& t) { return t.stride(4) == 1 ? t : t.contiguous(); }
 
-void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::IntArrayRef kernel,
-           at::IntArrayRef dilation) {
-  TORCH_CHECK(query.dim() == 5, "na2d_cpu: query must be [B, H, W, heads, D], got ", query.sizes());
-  TORCH_CHECK(key.sizes() == query.sizes() && value.sizes() == query.sizes(), "na2d_cpu: shapes differ");
+// The ops are public (torch.ops.timm_nat_na2d.*): every argument is checked here, before any
+// pointer is read, so that no call can read or write out of bounds.
+void check_map(const char* name, const at::Tensor& t, const at::Tensor& query) {
+  TORCH_CHECK(t.defined(), "timm_nat_na2d: ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "timm_nat_na2d: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == query.scalar_type(), "timm_nat_na2d: ", name, " must have query's dtype ",
+              query.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == query.sizes(), "timm_nat_na2d: ", name, " must have query's shape ", query.sizes(),
+              ", got ", t.sizes());
+}
+
+void check(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+           const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel, at::IntArrayRef dilation) {
+  TORCH_CHECK(query.defined() && query.dim() == 5, "timm_nat_na2d: query must be [B, H, W, heads, D], got ",
+              query.defined() ? query.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(query.device().is_cpu(), "timm_nat_na2d: query must be on the CPU, got ", query.device());
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "na2d_cpu: float32 or float64 expected, got ", query.scalar_type());
-  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type(),
-              "na2d_cpu: dtypes differ");
-  TORCH_CHECK(kernel.size() == 2 && dilation.size() == 2, "na2d_cpu: kernel_size and dilation must be pairs");
-  TORCH_CHECK(query.size(1) >= kernel[0] * dilation[0] && query.size(2) >= kernel[1] * dilation[1],
-              "na2d_cpu: map smaller than kernel_size * dilation");
+              "timm_nat_na2d: query must be float32 or float64, got ", query.scalar_type());
+  check_map("key", key, query);
+  check_map("value", value, query);
+  TORCH_CHECK(kernel.size() == 2, "timm_nat_na2d: kernel_size must have 2 entries, got ", kernel);
+  TORCH_CHECK(dilation.size() == 2, "timm_nat_na2d: dilation must have 2 entries, got ", dilation);
+  for (int axis = 0; axis < 2; ++axis) {
+    const int64_t size = query.size(1 + axis);
+    TORCH_CHECK(kernel[axis] >= 1, "timm_nat_na2d: kernel_size must be >= 1, got ", kernel);
+    TORCH_CHECK(dilation[axis] >= 1, "timm_nat_na2d: dilation must be >= 1, got ", dilation);
+    // kernel * dilation <= size, written so that the product cannot overflow
+    TORCH_CHECK(kernel[axis] <= size / dilation[axis], "timm_nat_na2d: ", axis == 0 ? "height " : "width ", size,
+                " is smaller than kernel_size * dilation (kernel_size ", kernel, ", dilation ", dilation, ")");
+  }
+  if (rpb.has_value()) {
+    const at::Tensor& table = *rpb;
+    const std::vector<int64_t> expected{query.size(3), 2 * kernel[0] - 1, 2 * kernel[1] - 1};
+    TORCH_CHECK(table.defined() && table.sizes() == at::IntArrayRef(expected),
+                "timm_nat_na2d: rpb must be [heads, 2*kh-1, 2*kw-1] = ", at::IntArrayRef(expected), ", got ",
+                table.defined() ? table.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(table.device().is_cpu(), "timm_nat_na2d: rpb must be on the CPU, got ", table.device());
+    TORCH_CHECK(table.scalar_type() == query.scalar_type(), "timm_nat_na2d: rpb must have query's dtype ",
+                query.scalar_type(), ", got ", table.scalar_type());
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> na2d_forward(const at::Tensor& query_, const at::Tensor& key_,
                                                 const at::Tensor& value_, const std::optional<at::Tensor>& rpb_,
                                                 at::IntArrayRef kernel, at::IntArrayRef dilation, double scale) {
-  check(query_, key_, value_, kernel, dilation);
+  check(query_, key_, value_, rpb_, kernel, dilation);
   const at::Tensor query = head_dim_contiguous(query_), key = head_dim_contiguous(key_),
                    value = head_dim_contiguous(value_);
   at::Tensor out = at::empty(query.sizes(), query.options());
   at::Tensor lse = at::empty(query.sizes().slice(0, 4), query.options());
   if (query.numel() == 0) return {out, lse};
   const Problem problem(query, kernel, dilation);
-  const at::Tensor rpb = rpb_.has_value() ? rpb_->to(query.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor rpb = rpb_.has_value() ? rpb_->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "na2d_cpu_forward", [&] {
     with_head_vectors<scalar_t>(problem.dim, [&]<int NV>() {
       forward_kernel<scalar_t, NV>(problem, query, key, value,
@@ -374,15 +413,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
     const at::Tensor& grad_out_, const at::Tensor& query_, const at::Tensor& key_, const at::Tensor& value_,
     const at::Tensor& out_, const at::Tensor& lse, const std::optional<at::Tensor>& rpb_, at::IntArrayRef kernel,
     at::IntArrayRef dilation, double scale, bool rpb_grad) {
-  check(query_, key_, value_, kernel, dilation);
+  check(query_, key_, value_, rpb_, kernel, dilation);
+  check_map("grad_out", grad_out_, query_);
+  check_map("out", out_, query_);
+  TORCH_CHECK(lse.defined() && lse.sizes() == query_.sizes().slice(0, 4),
+              "timm_nat_na2d: lse must be [B, H, W, heads] = ", query_.sizes().slice(0, 4), ", got ",
+              lse.defined() ? lse.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == query_.scalar_type(),
+              "timm_nat_na2d: lse must be a CPU tensor of query's dtype ", query_.scalar_type(), ", got ",
+              lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK(lse.is_contiguous(), "timm_nat_na2d: lse must be contiguous, got strides ", lse.strides());
   const at::Tensor query = head_dim_contiguous(query_), key = head_dim_contiguous(key_),
                    value = head_dim_contiguous(value_), out = head_dim_contiguous(out_),
-                   grad_out = head_dim_contiguous(grad_out_.to(query.scalar_type()));
-  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == query.scalar_type(), "na2d_cpu: bad logsumexp");
+                   grad_out = head_dim_contiguous(grad_out_);
   at::Tensor dq = at::empty(query.sizes(), query.options());
   at::Tensor dk = at::empty(query.sizes(), query.options());
   at::Tensor dv = at::empty(query.sizes(), query.options());
-  const at::Tensor rpb = rpb_.has_value() ? rpb_->to(query.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor rpb = rpb_.has_value() ? rpb_->contiguous() : at::Tensor();
   at::Tensor drpb = rpb.defined() && rpb_grad ? at::zeros(rpb.sizes(), rpb.options())
                                              : at::empty({0}, query.options());  // size 0: not asked for
   if (query.numel() == 0) return {dq, dk, dv, drpb};
@@ -399,13 +446,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_backward(
 
 }  // namespace
 
-TORCH_LIBRARY(timm_nat_na2d, m) {
-  m.def("forward(Tensor query, Tensor key, Tensor value, Tensor? rpb, int[] kernel_size, int[] dilation, "
-        "float scale) -> (Tensor, Tensor)");
-  m.def("backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? rpb, "
-        "int[] kernel_size, int[] dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The schemas are defined once, in Python (timm_nat/attention/cpu_fused.py _SCHEMAS, next to the
+// fake kernels); the dispatcher checks these implementations' signatures against them.
 TORCH_LIBRARY_IMPL(timm_nat_na2d, CPU, m) {
   m.impl("forward", &na2d_forward);
   m.impl("backward", &na2d_backward);
