@@ -14,6 +14,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 NOT_RUN = re.compile(r"<!-- not run: (?P<reason>.*?) -->")
 SLOW = "<!-- slow -->"
 README_MAX_LINES = 200
+OPTIONAL_PACKAGES = {"transformers", "segmentation_models_pytorch", "torchvision"}  # the frameworks extra
 
 
 def _blocks(page: Path):
@@ -79,6 +80,8 @@ def test_markers_stand_before_python_blocks():
 
 @pytest.mark.parametrize("page, line, code", _runnable_blocks())
 def test_python_block_runs(page, line, code, tmp_path, monkeypatch):
+    for module in sorted(set(re.findall(r"^(?:from|import) (\w+)", code, re.M)) & OPTIONAL_PACKAGES):
+        pytest.importorskip(module, reason=f"{module} is not installed (the frameworks extra)")
     monkeypatch.chdir(tmp_path)  # blocks may write files (a converted folder, save_pretrained)
     torch.manual_seed(0)
     exec(compile(code, f"{page}:{line}", "exec"), {"__name__": "__docs__"})
