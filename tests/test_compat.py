@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat.attention import neighborhood_1d
-from timm_nat.benchmark import peak_tensor_bytes
+from benchmarks.common import peak_tensor_bytes
 from timm_nat.compat import (
     NeighborhoodAttention2D, attention_maps, na2d_av, na2d_qk, natten1dav, natten1dqk, natten1dqkrpb, natten2dav,
     natten2dqk, natten2dqkrpb, record_attention_maps)

@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from timm_nat.attention import flex
 from timm_nat.attention.flex import block_sparsity, flex_plan, na2d_flex
 from timm_nat.attention.reference import na2d_reference
-from timm_nat.benchmark import peak_tensor_bytes
+from benchmarks.common import peak_tensor_bytes
 
 # (height, width, kernel, dilation): borders, rectangles, per-axis dilation, DiNAT stage shapes.
 SHAPES = [(23, 17, (3, 3), (3, 2)), (20, 20, (5, 5), (1, 1)), (30, 41, (7, 5), (2, 4)),
