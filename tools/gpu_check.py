@@ -52,8 +52,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +64,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 os.environ.setdefault("TIMM_NAT_AUTOREGISTER", "0")  # no import hook here: timm_nat is imported below
 
 import torch  # noqa: E402
+
+from benchmarks.common import median_seconds, peak_tensor_bytes  # noqa: E402
 
 GOLDEN = REPO / "tests" / "golden"
 TIMM_FLOOR = (1, 0, 21)
@@ -129,27 +129,12 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-# --- timing -----------------------------------------------------------------------------------
+# --- timing: the benchmarks' one timer ----------------------------------------------------------
 
 def median_ms(fn: Callable[[], object], device: str, iters: int, warmup: int) -> float:
-    """Median milliseconds of ``fn()`` after ``warmup`` calls: CUDA events on the GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    if device != "cuda":
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    """Median milliseconds of ``fn()`` (benchmarks.common.median_seconds; CUDA synchronised per call)."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else None
+    return median_seconds(fn, iters, warmup, synchronize=synchronize) * 1e3
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -336,22 +321,23 @@ def step_detection(sizes: Sizes, table: dict) -> str:
     peaks = []
     for height, width in sizes.detection:
         images = torch.randn(1, 3, height, width, device=sizes.device)
-        if sizes.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        with torch.autocast(sizes.device, torch.bfloat16):
-            maps = backbone(images)
-        sum(m.float().mean() for m in maps).backward()
+        maps = []
+
+        def step():
+            with torch.autocast(sizes.device, torch.bfloat16):
+                maps[:] = backbone(images)
+            sum(m.float().mean() for m in maps).backward()
+
+        peak = peak_tensor_bytes(step, sizes.device) / 2**20
         if [tuple(m.shape[-2:]) for m in maps] != [(-(-height // s), -(-width // s)) for s in (4, 8, 16, 32)]:
             raise CheckFailed(f"stage shapes {[tuple(m.shape) for m in maps]} at {height}x{width}")
         if not all(torch.isfinite(m).all() for m in maps):
             raise CheckFailed(f"non-finite features at {height}x{width}")
         if sizes.device == "cuda":
-            peaks.append((torch.cuda.max_memory_allocated() - before) / 2**20)
+            peaks.append(peak)
         backbone.zero_grad(set_to_none=True)
     if not peaks:
-        return "shapes and finiteness checked (peak memory on CUDA only)"
+        return "shapes and finiteness checked (peak memory compared on CUDA only)"
     (h0, w0), (h1, w1) = sizes.detection
     growth, pixels = peaks[0] / peaks[1], (h0 * w0) / (h1 * w1)
     table["detection"] = (peaks, growth, pixels)
