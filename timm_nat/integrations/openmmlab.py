@@ -23,7 +23,6 @@ import torch.nn as nn
 __all__ = ['BACKBONE_TYPE', 'TimmNatFeatures', 'register', 'register_mmdet_backbone', 'register_mmseg_backbone']
 
 BACKBONE_TYPE = 'TimmNatBackbone'
-_INSTALL_HINT = 'see docs/mmdetection.md for versions that work with current torch'
 
 
 class TimmNatFeatures(nn.Module):
@@ -63,7 +62,8 @@ class TimmNatFeatures(nn.Module):
         """The stem and the first ``frozen_stages`` stages of the wrapped model."""
         net = self.model.model  # timm's FeatureGetterNet keeps the (pruned) model as 'model'
         stages = net.stages if hasattr(net, 'stages') else net.blocks  # isotropic models have blocks
-        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= len(stages):
+        valid = isinstance(frozen_stages, int) and not isinstance(frozen_stages, bool)
+        if not valid or not -1 <= frozen_stages <= len(stages):
             raise ValueError(
                 f'frozen_stages={frozen_stages!r}: expected an int from -1 (none) to {len(stages)} '
                 f'(the stages this backbone keeps for out_indices={tuple(self.model.out_indices)})')
@@ -87,13 +87,15 @@ class TimmNatFeatures(nn.Module):
 
 
 def _import_registry(module: str, package: str):
+    """``MODELS`` of ``module`` (an OpenMMLab ``*.registry``), or an ImportError naming what to install."""
     try:
         import mmengine  # noqa: F401  (the base class comes from mmengine)
         return __import__(module, fromlist=['MODELS']).MODELS
     except ImportError as e:
         raise ImportError(
-            f'registering {BACKBONE_TYPE} needs mmengine and {package}, which are not importable '
-            f'({e}); pip install mmengine {package} ({_INSTALL_HINT})') from e
+            f'registering {BACKBONE_TYPE} needs mmengine and {package} (with mmcv), which are not importable ({e}); '
+            f'pip install mmengine {package}, and mmcv as docs/mmdetection.md says (on current torch its C++ ops '
+            'need a C++20 build)') from e
 
 
 @functools.lru_cache(maxsize=None)
