@@ -2,6 +2,7 @@
 import json
 import logging
 import random
+import zlib
 
 import pytest
 import timm
@@ -114,7 +115,7 @@ def _random_configs(count, seed=0):
 
 @pytest.mark.parametrize("config", _random_configs(24), ids=lambda c: "{height}x{width}-k{kernel}-d{dilation}".format(**c))
 def test_tiled_matches_reference(config):
-    gen = torch.Generator().manual_seed(hash(str(config)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(str(config).encode()))  # hash() of a str varies per process
     shape = (config["batch"], config["height"], config["width"], config["heads"], config["dim"])
     q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     kh, kw = config["kernel"]
@@ -336,8 +337,10 @@ def test_meta_forward_gives_meta_output_and_leaves_the_cache_usable(empty_plan_c
     assert out.device.type == "meta" and out.shape == q.shape
     q, k, v = (torch.randn(2, 14, 10, 2, 8) for _ in range(3))
     rpb = torch.randn(2, 9, 9)
+    # each output is a softmax-weighted mean of 25 values of v (|v| < 5), summed in another order than the
+    # reference: a few float32 ulps of max |v| (1.2e-6 at worst over 200 seeds), so fp32's defaults hold
     torch.testing.assert_close(na2d(q, k, v, 5, dilation=2, rpb=rpb, backend="tiled"),
-                               na2d_reference(q, k, v, (5, 5), (2, 2), rpb, 8 ** -0.5), rtol=0, atol=1e-6)
+                               na2d_reference(q, k, v, (5, 5), (2, 2), rpb, 8 ** -0.5), rtol=1.3e-6, atol=1e-5)
 
 
 # --- backend choice -----------------------------------------------------------------------------------
