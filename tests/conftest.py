@@ -47,6 +47,52 @@ def _kwargs_from_transformers_config(path: Path) -> dict:
 
 # --- helpers shared by the test files (import them: ``from conftest import max_abs_diff``) -------
 
+GOLDEN_ATOL = 1e-4  # golden README: ~1e-6 expected in fp32, above 1e-4 is a bug
+
+# golden tiny checkpoint -> the registered architecture it is a shrunken copy of. hf/ and orig/ (their
+# kwargs come from the hf/ config.json); orig/ only (golden README: DiNAT_s embed 16, depths 2-2-2-2,
+# heads 1-2-4-8, kernel 3, dilations [[1,8],[1,4],[1,2],[1,1]], mlp 2.0; isotropic 128x128 input,
+# patch 16, embed 32, depth 4, heads 4, kernel 3 (DiNAT-iso: dilation 2 on odd layers; ViT-RPB:
+# global attention); 10 classes)
+GOLDEN_HF_TINY = {"nat_test_tiny": "nat_mini", "dinat_test_tiny": "dinat_mini"}
+_TINY_ISOTROPIC = dict(img_size=128, embed_dim=32, depth=4, num_heads=4)
+GOLDEN_ORIGINAL_ONLY_TINY = {
+    "dinat_s_test_tiny": ("dinat_s_tiny", dict(
+        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), kernel_size=3,
+        dilations=((1, 8), (1, 4), (1, 2), (1, 1)), mlp_ratio=2.)),
+    "nat_isotropic_test_tiny": ("nat_isotropic_small", dict(_TINY_ISOTROPIC, kernel_size=3)),
+    "dinat_isotropic_test_tiny": ("dinat_isotropic_small", dict(_TINY_ISOTROPIC, kernel_size=3)),
+    "vitrpb_test_tiny": ("vitrpb_small", _TINY_ISOTROPIC),
+}
+
+
+def golden_arch_and_kwargs(name: str) -> tuple:
+    """``(architecture, kwargs)`` of a golden tiny checkpoint (``tests/golden/{hf,orig}``, 10 classes)."""
+    if name in GOLDEN_HF_TINY:
+        return GOLDEN_HF_TINY[name], _kwargs_from_transformers_config(GOLDEN_DIR / "hf" / name / "config.json")
+    return GOLDEN_ORIGINAL_ONLY_TINY[name]
+
+
+def golden_checkpoint(name: str, layout: str = "original") -> Path:
+    """The golden tiny checkpoint file: ``layout`` 'transformers' (hf/) or 'original' (orig/)."""
+    return GOLDEN_DIR / "hf" / name / "pytorch_model.bin" if layout == "transformers" else GOLDEN_DIR / "orig" / f"{name}.pth"
+
+
+def golden_outputs(name: str, layout: str = "original") -> dict:
+    """The legacy stack's outputs for a golden tiny checkpoint (inputs, logits, features; see the README)."""
+    from safetensors.torch import load_file
+
+    if layout == "transformers":
+        return load_file(GOLDEN_DIR / "hf" / name / "golden.safetensors")
+    return load_file(GOLDEN_DIR / "orig" / f"{name}.golden.safetensors")
+
+
+def assert_close(actual, expected, what: str, atol: float = GOLDEN_ATOL) -> None:
+    """Max abs difference of ``actual`` and ``expected`` at most ``atol``; the message names ``what``."""
+    diff = max_abs_diff(actual, expected)
+    assert diff <= atol, f"{what}: max abs diff {diff:.3e} > {atol}"
+
+
 def max_abs_diff(actual, expected) -> float:
     """Largest absolute difference of two tensors of the same shape (asserts the shapes agree)."""
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
