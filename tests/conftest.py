@@ -1,10 +1,14 @@
-"""Shared fixtures: the golden reference data (tests/golden, see its README)."""
+"""Shared fixtures and helpers: the golden reference data (tests/golden, see its README), the
+architectures (from the family declarations), tiny model configs, and closeness checks."""
+import functools
 import json
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+
+from timm_nat.models import model_families
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
@@ -25,29 +29,62 @@ def golden() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_cases(golden) -> list:
+    """The legacy NATTEN operator cases (``na2d_legacy.safetensors``, golden README): ``[(case, tensors)]``,
+    ``case`` the per-case parameters, ``tensors`` its q, k, v, rpb, logits, out, grads, ... by name."""
+    from safetensors import safe_open
+
+    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
+        cases = json.loads(f.metadata()["cases"])
+        return [(case, {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(f"case{case['case']}.")})
+                for case in cases]
+
+
+@pytest.fixture(scope="session")
 def tiny_model_kwargs(golden):
     """``tiny_model_kwargs(name)``: timm arch kwargs of a golden tiny checkpoint (from its config.json)."""
     return lambda name: _kwargs_from_transformers_config(golden / "hf" / name / "config.json")
 
 
 def _kwargs_from_transformers_config(path: Path) -> dict:
+    """timm kwargs of a transformers config.json, by the mapping its family declares."""
     config = json.loads(path.read_text())
-    kwargs = dict(
-        embed_dim=config["embed_dim"],
-        depths=tuple(config["depths"]),
-        num_heads=tuple(config["num_heads"]),
-        kernel_size=config["kernel_size"],
-        mlp_ratio=config["mlp_ratio"],
-        ls_init_value=config["layer_scale_init_value"] or None,  # transformers: 0.0 means none
-    )
-    if "dilations" in config:
-        kwargs["dilations"] = tuple(tuple(d) for d in config["dilations"])
-    return kwargs
+    family = next(f for f in model_families().values() if config["model_type"] in f.transformers_model_types)
+    return family.kwargs_from_transformers_config(config)
 
 
 # --- helpers shared by the test files (import them: ``from conftest import max_abs_diff``) -------
 
 GOLDEN_ATOL = 1e-4  # golden README: ~1e-6 expected in fp32, above 1e-4 is a bug
+
+# every registered timm-nat architecture, from the family modules' declarations
+ARCHITECTURES = sorted(arch for family in model_families().values() for arch in family.architectures)
+
+
+def family_name(arch: str) -> str:
+    """Name of the family that declares ``arch`` ('nat', 'dinat_s', 'isotropic')."""
+    return next(name for name, family in model_families().items() if arch in family.architectures)
+
+
+def is_hierarchical(arch: str) -> bool:
+    """Four stages (NAT, DiNAT, DiNAT_s), not one stack of blocks (isotropic)."""
+    return "depths" in model_families()[family_name(arch)].architectures[arch].args
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_kwargs(arch: str) -> tuple:
+    args = model_families()[family_name(arch)].architectures[arch].args
+    if not is_hierarchical(arch):
+        return tuple(dict(embed_dim=32, num_heads=4, depth=4).items())
+    dilations = tuple(tuple(stage[:2]) for stage in args.get("dilations") or [(1, 1)] * 4)
+    return tuple(dict(embed_dim=16, num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2), dilations=dilations).items())
+
+
+def tiny_kwargs(arch: str, **overrides) -> dict:
+    """Few channels and blocks for ``arch``: two blocks a stage with the stage's own first two dilations
+    (DiNAT alternates 1 and the stage's), or four isotropic blocks (dilation on the odd ones); its kernel,
+    stem, patch, MLP ratio, layer scale and default input size kept. ``overrides`` replace any of them."""
+    return dict(_tiny_kwargs(arch), **overrides)
 
 # golden tiny checkpoint -> the registered architecture it is a shrunken copy of. hf/ and orig/ (their
 # kwargs come from the hf/ config.json); orig/ only (golden README: DiNAT_s embed 16, depths 2-2-2-2,
@@ -87,10 +124,12 @@ def golden_outputs(name: str, layout: str = "original") -> dict:
     return load_file(GOLDEN_DIR / "orig" / f"{name}.golden.safetensors")
 
 
-def assert_close(actual, expected, what: str, atol: float = GOLDEN_ATOL) -> None:
-    """Max abs difference of ``actual`` and ``expected`` at most ``atol``; the message names ``what``."""
-    diff = max_abs_diff(actual, expected)
-    assert diff <= atol, f"{what}: max abs diff {diff:.3e} > {atol}"
+def assert_close(name: str, ours, expected, tol: float = 1e-5, relative: bool = True) -> None:
+    """``max|ours - expected| <= tol * max(1, max|expected|)`` (``relative``: the operator's golden bound,
+    per tensor), or ``<= tol``; the message names ``name``."""
+    bound = tol * max(1.0, expected.abs().max().item()) if relative else tol
+    diff = max_abs_diff(ours, expected)
+    assert diff <= bound, f"{name}: max abs diff {diff:.3g} > {bound:.3g}"
 
 
 def max_abs_diff(actual, expected) -> float:

@@ -77,6 +77,7 @@ def test_all_offline_writes_report_with_commands_to_finish(tmp_path, capsys, off
     assert dinat_s_tiny["commands"]["file"] in markdown
 
 
+@pytest.mark.slow
 def test_report_command_with_the_file_at_hand_converts_it(golden, tmp_path, capsys, offline):
     out = tmp_path / "out"
     assert main(["--all", "--output-dir", str(out), "--only", "nat_mini.in1k"]) == 3

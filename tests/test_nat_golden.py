@@ -14,7 +14,7 @@ import timm_nat  # noqa: F401  (registers the models)
 from timm_nat.models import dinat_s, isotropic, nat
 
 from conftest import (
-    GOLDEN_HF_TINY as TINY_CHECKPOINTS, GOLDEN_ORIGINAL_ONLY_TINY as ORIGINAL_ONLY_TINY, assert_close as _assert_close,
+    GOLDEN_ATOL, GOLDEN_HF_TINY as TINY_CHECKPOINTS, GOLDEN_ORIGINAL_ONLY_TINY as ORIGINAL_ONLY_TINY, assert_close,
     golden_arch_and_kwargs, golden_checkpoint, golden_outputs, max_abs_diff,
 )
 
@@ -22,6 +22,10 @@ NUM_INPUTS = 5  # hf/ goldens: input0..input4, several with maps smaller than ke
 NUM_STAGES = 4
 
 LAYOUTS = ("transformers", "original")
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert_close(what, actual, expected, tol=GOLDEN_ATOL, relative=False)
+
+
 GOLDEN_CASES = [(n, layout) for n in TINY_CHECKPOINTS for layout in LAYOUTS] + [(n, "original") for n in ORIGINAL_ONLY_TINY]
 FILTERS = {"nat_test_tiny": nat, "dinat_test_tiny": nat, "dinat_s_test_tiny": dinat_s,
            "nat_isotropic_test_tiny": isotropic, "dinat_isotropic_test_tiny": isotropic, "vitrpb_test_tiny": isotropic}

@@ -20,6 +20,7 @@ from ..pretrained import weights_unavailable_error
 __all__ = [
     'family_cfg', 'build_model_or_explain', 'unwrap_state_dict', 'downsample_to_next_stage',
     'original_head_key', 'adapt_input_conv_weight', 'state_dict_problems', 'check_state_dict_fits', 'init_weights',
+    'blocks_by_index', 'first_of_blocks',
 ]
 
 _CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
@@ -197,6 +198,20 @@ def check_state_dict_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     if problems:
         raise RuntimeError(
             "checkpoint does not match the model (wrong architecture or arguments?): " + ". ".join(problems))
+
+
+def blocks_by_index(state_dict: Dict[str, torch.Tensor], pattern: str) -> Dict[int, Dict[int, Dict[str, torch.Tensor]]]:
+    """``{stage: {block: {rest of key: tensor}}}`` for timm keys matching ``pattern`` (groups: stage, block, rest)."""
+    stages: Dict[int, Dict[int, Dict[str, torch.Tensor]]] = {}
+    for key, value in state_dict.items():
+        if m := re.fullmatch(pattern, key):
+            stages.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = value
+    return stages
+
+
+def first_of_blocks(blocks: Dict[int, Dict[str, torch.Tensor]], name: str) -> Optional[torch.Tensor]:
+    """``name`` of the first block holding it: one missing key must not hide a stage's sizes."""
+    return next((blocks[j][name] for j in sorted(blocks) if name in blocks[j]), None)
 
 
 def init_weights(module: nn.Module, name: str = '') -> None:
