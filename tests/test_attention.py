@@ -1,5 +1,4 @@
 """The na2d operator against the legacy NATTEN golden cases and the gather reference."""
-import json
 import logging
 import random
 import zlib
@@ -7,23 +6,15 @@ import zlib
 import pytest
 import timm
 import torch
-from safetensors import safe_open
 
 from timm_nat.attention import available_backends, backends, functional, na2d, select_backend, tiled, use_backend
 from timm_nat.attention.flex import na2d_flex
 from timm_nat.attention.reference import na2d_reference
 from timm_nat.attention.windows import neighborhood_1d, subgrid_length, window_start
 
+from conftest import assert_close as _assert_close
+
 GRADS = ("dq", "dk", "dv", "drpb")
-
-
-def _golden_cases(golden):
-    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
-        cases = json.loads(f.metadata()["cases"])
-        for case in cases:
-            prefix = f"case{case['case']}."
-            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-            yield case, tensors
 
 
 def _to_natten_layout(x):  # golden [B, heads, H, W, D] -> [B, H, W, heads, D]
@@ -32,18 +23,6 @@ def _to_natten_layout(x):  # golden [B, heads, H, W, D] -> [B, H, W, heads, D]
 
 def _to_golden_layout(x):
     return x.permute(0, 3, 1, 2, 4)
-
-
-def _assert_close(name, ours, expected):
-    """The issue's bound: max|ours - golden| <= 1e-5 * max(1, max|golden|), per tensor."""
-    bound = 1e-5 * max(1.0, expected.abs().max().item())
-    err = (ours - expected).abs().max().item()
-    assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
-
-
-@pytest.fixture(scope="module")
-def golden_cases(golden):
-    return list(_golden_cases(golden))
 
 
 def _run_case(case, t, backend, with_rpb=True, backward=True):

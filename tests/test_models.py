@@ -345,6 +345,14 @@ def test_pool_size_follows_the_family_reduction():
     assert family_cfg(first_conv="patch_embed.proj.0", reduction=32)["pool_size"] == (7, 7)
 
 
+def test_timm_lists_exactly_the_declared_architectures():
+    """What timm registered (entrypoints in timm_nat modules) is what the family declarations list."""
+    from timm.models import model_entrypoint
+
+    registered = sorted(m for m in timm.list_models() if model_entrypoint(m).__module__.startswith("timm_nat."))
+    assert registered == ARCHITECTURES and len(ARCHITECTURES) == 22
+
+
 # --- a new family: one module plus registry rows --------------------------------------------------
 
 @pytest.fixture
