@@ -112,7 +112,9 @@ def golden_arch_and_kwargs(name: str) -> tuple:
 
 def golden_checkpoint(name: str, layout: str = "original") -> Path:
     """The golden tiny checkpoint file: ``layout`` 'transformers' (hf/) or 'original' (orig/)."""
-    return GOLDEN_DIR / "hf" / name / "pytorch_model.bin" if layout == "transformers" else GOLDEN_DIR / "orig" / f"{name}.pth"
+    if layout == "transformers":
+        return GOLDEN_DIR / "hf" / name / "pytorch_model.bin"
+    return GOLDEN_DIR / "orig" / f"{name}.pth"
 
 
 def golden_outputs(name: str, layout: str = "original") -> dict:

@@ -19,7 +19,8 @@ FAMILIES = {  # family: (arch, kwargs, input size); tiny configs, one per model 
     "nat": ("nat_mini", tiny_kwargs("nat_mini", kernel_size=5), 64),
     "dinat": ("dinat_mini", tiny_kwargs("dinat_mini", kernel_size=3), 64),
     "dinat_s": ("dinat_s_tiny", tiny_kwargs("dinat_s_tiny", kernel_size=3), 64),
-    "dinat_isotropic": ("dinat_isotropic_small", tiny_kwargs("dinat_isotropic_small", img_size=128, depth=2, kernel_size=3), 128),
+    "dinat_isotropic": (
+        "dinat_isotropic_small", tiny_kwargs("dinat_isotropic_small", img_size=128, depth=2, kernel_size=3), 128),
     "vitrpb": ("vitrpb_small", tiny_kwargs("vitrpb_small", img_size=128, depth=2), 128),
 }
 BATCHES = (1, 2, 4)

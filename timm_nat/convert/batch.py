@@ -182,7 +182,8 @@ def _network_command(command: str, output_dir: Path, rows: List[EntryReport], on
     return ' '.join([command] + [shlex.quote(a) for a in ('--all', '--output-dir', str(output_dir), *selection)])
 
 
-def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str], network_command: str) -> str:
+def _report_markdown(
+        rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str], network_command: str) -> str:
     lines = [_REPORT_TITLE, '', f"{totals['entries']} entries: {totals['converted']} converted and verified, "
              f"{totals['offline_checked']} checked offline only (downloads failed), {totals['wrong']} wrong.", '']
     if offline:
@@ -257,7 +258,8 @@ def convert_all(
         rows.append(report)
     totals = dict(entries=len(rows), converted=sum(r.status == 'converted' for r in rows),
                   offline_checked=sum(r.status == 'offline-checked' for r in rows), wrong=sum(r.problem for r in rows))
-    _write_reports(output_dir, rows, totals, downloader.known_offline, _network_command(command, output_dir, rows, only))
+    network_command = _network_command(command, output_dir, rows, only)
+    _write_reports(output_dir, rows, totals, downloader.known_offline, network_command)
     log('\n' + _summary(rows))
     log(f"\n{totals['entries']} entries: {totals['converted']} converted and verified, {totals['offline_checked']} "
         f"checked offline only (downloads failed), {totals['wrong']} wrong")
