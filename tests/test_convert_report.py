@@ -150,7 +150,8 @@ def test_network_command_names_only_what_is_left(tmp_path):
     assert _parsed(again, ["timm-nat-convert"]).only == ["nat_*", "dinat_s_tiny.in1k"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # two converter processes, each limited to 280 s
 def test_report_commands_run_as_printed(tmp_path):
     """The checkout's script, run offline from the repository root: the printed network command runs
     (exit 3 again, offline) exactly as printed, with no ``timm-nat-convert`` on PATH."""
