@@ -1,7 +1,6 @@
 """timm_nat.compat: the legacy NATTEN API against the golden legacy outputs, the legacy module,
 install(), and attention maps of the timm models."""
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import timm_nat  # noqa: F401  (registers the models)
@@ -24,23 +22,9 @@ from timm_nat.compat import (
 from timm_nat.layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock
 from timm_nat.models.isotropic import RelPosGlobalAttention
 
+from conftest import assert_close as _assert_close
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _assert_close(name, ours, expected, tol=1e-5):
-    """max|ours - expected| <= tol * max(1, max|expected|), as in test_attention."""
-    assert ours.shape == expected.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
-    bound = tol * max(1.0, expected.abs().max().item())
-    err = (ours - expected).abs().max().item()
-    assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
-
-
-@pytest.fixture(scope="module")
-def golden_cases(golden):
-    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
-        cases = json.loads(f.metadata()["cases"])
-        return [(case, {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(f"case{case['case']}.")})
-                for case in cases]
 
 
 def _window(case):

@@ -134,6 +134,7 @@ def test_converted_golden_checkpoint_reproduces_golden_logits(golden, tmp_path, 
     assert max(diffs.values()) <= ATOL, f"{case}: {diffs} > {ATOL}"
 
 
+@pytest.mark.timeout(400)  # its subprocess has 300 s
 def test_command_line_converts_and_exits_zero(golden, tmp_path):
     out = tmp_path / "converted"
     run = subprocess.run(
@@ -393,6 +394,7 @@ def test_all_flags_a_parameter_count_that_disagrees_with_the_registry(tmp_path, 
     assert "params NO 19.98M != 40M published" in out and "FAILED" in out and "1 wrong" in out
 
 
+@pytest.mark.slow
 def test_all_converts_downloaded_entries_and_exits_zero(golden, tmp_path, capsys, offline_caches):
     hub_cache, _ = offline_caches
     entry = next(e for e in load_registry() if registry_entry_name(e) == "dinat_mini.in1k")

@@ -3,7 +3,6 @@
 The extension must build here (CI has a C++ compiler): a build failure fails these tests.
 """
 import contextlib
-import json
 import logging
 import os
 import random
@@ -13,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from timm_nat.attention import available_backends, cpu_fused, na2d
 from timm_nat.attention.cpu_fused import na2d_cpu_fused
 from timm_nat.attention.reference import na2d_reference
+
+from conftest import assert_close as _assert_close
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,20 +29,6 @@ def extension():
         pytest.fail(f"fused CPU na2d extension did not build: {cpu_fused._load()}")
 
 
-def _golden_cases(golden):
-    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
-        for case in json.loads(f.metadata()["cases"]):
-            prefix = f"case{case['case']}."
-            yield case, {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-
-
-def _assert_close(name, ours, expected):
-    """The golden bound of every backend: max|ours - golden| <= 1e-5 * max(1, max|golden|)."""
-    bound = 1e-5 * max(1.0, expected.abs().max().item())
-    err = (ours - expected).abs().max().item()
-    assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
-
-
 def _forward_and_grads(q, k, v, kernel, dilation, rpb, scale, grad_out, fn=na2d_cpu_fused):
     """Output and the gradients of (out * grad_out).sum() w.r.t. q, k, v (and rpb, if given)."""
     out = fn(q, k, v, kernel, dilation, rpb, scale)
@@ -50,10 +36,10 @@ def _forward_and_grads(q, k, v, kernel, dilation, rpb, scale, grad_out, fn=na2d_
     return (out, *torch.autograd.grad((out * grad_out).sum(), inputs))
 
 
-def test_golden_forward_and_gradients(golden):
+def test_golden_forward_and_gradients(golden_cases):
     to_ours = lambda x: x.permute(0, 2, 3, 1, 4).contiguous()  # golden [B, heads, H, W, D]
     to_golden = lambda x: x.permute(0, 3, 1, 2, 4)
-    for case, t in _golden_cases(golden):
+    for case, t in golden_cases:
         kernel, dilation = (case["kernel_size"],) * 2, tuple(case["dilation"])
         q, k, v = (to_ours(t[n]).requires_grad_() for n in "qkv")
         rpb = t["rpb"].clone().requires_grad_()

@@ -10,8 +10,8 @@ import timm_nat  # noqa: F401  (registers the models and the FX leaves)
 from timm_nat import NeighborhoodAttention2d
 from timm_nat._fx import FX_LEAF_MODULES, RelPosGlobalAttention
 
-ARCHITECTURES = sorted(
-    m for m in timm.list_models() if timm.models.model_entrypoint(m).__module__.startswith("timm_nat."))
+from conftest import ARCHITECTURES
+
 
 # one tiny configuration per family (one per attention / stem / downsampler combination)
 TINY = {

@@ -102,38 +102,50 @@ def registry_default_cfgs(
 
 
 def weights_unavailable_error(model_name: str, pretrained_cfg: Dict[str, Any], cause: BaseException) -> RuntimeError:
-    """An error that says where the weights were looked for and how to provide them."""
-    from ._offline import hub_offline_mode, hub_unreachable_reason
+    """An error that says where the weights were looked for and the ways to provide them."""
+    from ._offline import hub_offline_mode, hub_unreachable_reason, url_cache_path, url_unreachable_reason
 
     hub_id, filename = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("hf_hub_filename") or "pytorch_model.bin"
     url, file = pretrained_cfg.get("url"), pretrained_cfg.get("file")
-    from_hub = hub_id and not file
+    from_hub, from_url = hub_id and not file, url and not hub_id and not file
     if file:
         where = f"the local file {file!r}"
     elif hub_id:
         where = f"the Hugging Face Hub repo {hub_id!r} (file {filename!r})"
     else:
         where = f"{url!r}"
-    fixes = []
+    ways = []  # alternatives, each a way to fix it
     if from_hub and hub_offline_mode():
-        fixes.append("HF_HUB_OFFLINE is set, so only the local Hub cache was searched: with network access, "
-                     "unset it to download the file into the cache")
+        ways.append("HF_HUB_OFFLINE is set, so only the local Hub cache was searched: with network access, "
+                    "unset it to download the file into the cache")
     elif from_hub:
         offline_now = " (as here)" if hub_unreachable_reason() else ""
-        fixes.append("with network access the file is downloaded and cached; without" + offline_now
-                     + ", set HF_HUB_OFFLINE=1 to use only the local Hub cache without retries")
+        ways.append("with network access the file is downloaded and cached; without" + offline_now
+                    + ", set HF_HUB_OFFLINE=1 to use only the local Hub cache without retries")
     if from_hub:
-        fixes.append(f"or download it elsewhere (`hf download {hub_id} {filename}`) and copy the Hub cache "
-                     "(~/.cache/huggingface/hub) over")
-    fixes.append(f"or pass pretrained_cfg_overlay=dict(file='/path/to/{filename if hub_id else 'weights.pth'}')"
-                 " to timm.create_model")
-    if url:
-        fixes.append(f"(the original-layout checkpoint {url} loads the same way)")
-    fixes.append("or convert the file into a folder (`timm-nat-convert FILE -o DIR`) and load "
-                 "timm.create_model('local-dir:DIR', pretrained=True)")
+        ways.append(f"download it elsewhere (`hf download {hub_id} {filename}`) and copy the Hub cache "
+                    "(~/.cache/huggingface/hub) over")
+    if from_url:
+        cached = url_cache_path(url)
+        if hub_offline_mode():
+            ways.append(f"HF_HUB_OFFLINE is set, so only torch hub's checkpoint cache ({cached.parent}) was searched: "
+                        "with network access, unset it to download the file into that cache")
+        elif url_unreachable_reason(url):
+            ways.append(f"with network access the file is downloaded into torch hub's checkpoint cache ({cached.parent})")
+        ways.append(f"download {url} elsewhere and copy it to {cached}")
+    weights_name = filename if hub_id else (url.rsplit("/", 1)[-1] if url else "weights.pth")
+    overlay = f"pass pretrained_cfg_overlay=dict(file='/path/to/{weights_name}') to timm.create_model"
+    if url and hub_id:
+        overlay += f" (the original-layout checkpoint {url} loads the same way)"
+    ways.append(overlay)
+    ways.append("convert the file into a folder (`timm-nat-convert FILE -o DIR`) and load "
+                "timm.create_model('local-dir:DIR', pretrained=True)")
+    detail = str(cause).rstrip(".")
+    if not detail and isinstance(cause, FileNotFoundError):  # timm raises it without a message
+        detail = f"no such file {cause.filename or file or url!r}"
     return RuntimeError(
         f"Could not load pretrained weights for {model_name!r} from {where}: "
-        f"{type(cause).__name__}: {str(cause).rstrip('.')}. To fix: " + "; ".join(fixes) + ".")
+        f"{type(cause).__name__}: {detail}. To fix: " + "; or ".join(ways) + ".")
 
 
 def registry_entry_name(entry: Dict[str, Any]) -> str:

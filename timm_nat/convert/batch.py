@@ -99,14 +99,15 @@ def _offline_check(entry: Dict[str, Any], report: EntryReport) -> bool:
     return params_ok and forward_ok
 
 
-def _finish_commands(entry: Dict[str, Any], target: Path, output_dir: Path) -> Dict[str, str]:
-    """The commands that convert ``entry`` later: online, or from the published file at hand."""
+def _finish_commands(entry: Dict[str, Any], target: Path, output_dir: Path, command: str) -> Dict[str, str]:
+    """The commands that convert ``entry`` later (``command`` runs the converter): online, or from the
+    published file at hand."""
     out = shlex.quote(str(target))
-    network = f"{PROG} --all --output-dir {shlex.quote(str(output_dir))} --only {registry_entry_name(entry)}"
+    network = f"{command} --all --output-dir {shlex.quote(str(output_dir))} --only {registry_entry_name(entry)}"
     if 'url' in entry:
-        file = f"{PROG} /path/to/{url_basename(entry['url'])} -o {out}"
+        file = f"{command} /path/to/{url_basename(entry['url'])} -o {out}"
     else:  # a transformers folder: config.json + the weights, e.g. from `hf download`
-        file = (f"{PROG} /path/to/{entry['hf_hub_id'].split('/')[1]} -o {out}  # a folder with config.json and "
+        file = (f"{command} /path/to/{entry['hf_hub_id'].split('/')[1]} -o {out}  # a folder with config.json and "
                 f"{entry.get('hf_hub_filename', TRANSFORMERS_WEIGHTS[0])} (hf download {entry['hf_hub_id']})")
     return dict(network=network, file=file)
 
@@ -145,7 +146,6 @@ def _convert_entry(entry, output_dir: Path, force: bool, size: int, downloader: 
     ok = _offline_check(entry, report)
     log(f"  offline checks: params {report.params}; {report.checks['summary']}")
     report.status, report.problem = ('offline-checked' if ok else 'FAILED'), not ok
-    report.commands = _finish_commands(entry, target, output_dir)
     return report
 
 
@@ -171,7 +171,19 @@ def _check_report_files(output_dir: Path) -> None:
             raise ConversionError(f"{js} exists and was not written by {PROG} --all; not overwriting it")
 
 
-def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str], output_dir: Path) -> str:
+def _network_command(command: str, output_dir: Path, rows: List[EntryReport], only: Optional[Sequence[str]]) -> str:
+    """The command that finishes the unfinished entries with network: this run's selection again when
+    none was finished (``--all`` alone for a whole registry), else only the unfinished ones."""
+    unfinished = [r.entry for r in rows if r.commands]
+    if len(unfinished) == len(rows):
+        selection = ['--only', *only] if only else []
+    else:
+        selection = ['--only', *unfinished]
+    return ' '.join([command] + [shlex.quote(a) for a in ('--all', '--output-dir', str(output_dir), *selection)])
+
+
+def _report_markdown(
+        rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str], network_command: str) -> str:
     lines = [_REPORT_TITLE, '', f"{totals['entries']} entries: {totals['converted']} converted and verified, "
              f"{totals['offline_checked']} checked offline only (downloads failed), {totals['wrong']} wrong.", '']
     if offline:
@@ -192,9 +204,8 @@ def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: O
         lines += [f"- `{r.entry}`: " + '; '.join(e['reason'] for e in r.download_errors) for r in failed]
     unfinished = [r for r in rows if r.commands]
     if unfinished:
-        names = ' '.join(r.entry for r in unfinished)
         lines += ['', '## To finish the job', '', 'With network (downloads, then converts and verifies):', '',
-                  '```', f"{PROG} --all --output-dir {shlex.quote(str(output_dir))} --only {names}", '```', '',
+                  '```', network_command, '```', '',
                   'With the published files at hand (one command each; the model card then quotes no '
                   'published numbers, since nothing proves the file is the published one):', '', '```']
         lines += [r.commands['file'] for r in unfinished] + ['```']
@@ -204,12 +215,14 @@ def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: O
     return '\n'.join(lines) + '\n'
 
 
-def _write_reports(output_dir: Path, rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str]) -> None:
+def _write_reports(output_dir: Path, rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str],
+                   network_command: str) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(written_by=PROG, totals=totals, offline=offline,
+                   finish_with_network=network_command if any(r.commands for r in rows) else None,
                    entries=[dict(dataclasses.asdict(r), source_shown=r.source) for r in rows])
     for name, text in ((REPORT_JSON, json.dumps(payload, indent=2) + '\n'),
-                       (REPORT_MD, _report_markdown(rows, totals, offline, output_dir))):
+                       (REPORT_MD, _report_markdown(rows, totals, offline, network_command))):
         partial = output_dir / f'.{name}.partial'
         partial.write_text(text)
         partial.replace(output_dir / name)
@@ -221,13 +234,15 @@ def convert_all(
         force: bool = False,
         verify_size: int = ALL_VERIFY_SIZE,
         log: Callable[[str], None] = log,
+        command: str = PROG,
 ) -> int:
     """Convert and verify every registry entry into ``output_dir/<model>.<tag>/``, with a report.
 
     Entries whose downloads fail are still checked offline (build, parameter count, classes, one
     forward with random weights at the entry's input size). Writes ``output_dir/report.md`` and
-    ``report.json``. Returns 0 if every entry was converted and verified, 3 if some could only be
-    checked offline, 1 if anything was wrong.
+    ``report.json``, whose commands to finish the job start with ``command`` (how to run the converter,
+    see :func:`.output.rerun_command`). Returns 0 if every entry was converted and verified, 3 if
+    some could only be checked offline, 1 if anything was wrong.
     """
     output_dir = Path(output_dir)
     entries = [e for e in load_registry() if not only or any(fnmatch.fnmatch(registry_entry_name(e), p) for p in only)]
@@ -237,10 +252,14 @@ def convert_all(
     downloader, rows = Downloader(log), []
     for i, entry in enumerate(entries, 1):
         log(f"[{i}/{len(entries)}] {registry_entry_name(entry)}")
-        rows.append(_convert_entry(entry, output_dir, force, verify_size, downloader, log))
+        report = _convert_entry(entry, output_dir, force, verify_size, downloader, log)
+        if report.checks:  # checked offline: not downloaded, so say how to finish it
+            report.commands = _finish_commands(entry, output_dir / report.entry, output_dir, command)
+        rows.append(report)
     totals = dict(entries=len(rows), converted=sum(r.status == 'converted' for r in rows),
                   offline_checked=sum(r.status == 'offline-checked' for r in rows), wrong=sum(r.problem for r in rows))
-    _write_reports(output_dir, rows, totals, downloader.known_offline)
+    network_command = _network_command(command, output_dir, rows, only)
+    _write_reports(output_dir, rows, totals, downloader.known_offline, network_command)
     log('\n' + _summary(rows))
     log(f"\n{totals['entries']} entries: {totals['converted']} converted and verified, {totals['offline_checked']} "
         f"checked offline only (downloads failed), {totals['wrong']} wrong")

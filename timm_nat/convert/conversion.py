@@ -86,7 +86,7 @@ def _reference_model(state_dict, arch: Architecture, published) -> torch.nn.Modu
     model = uninitialized_model(
         arch.model, pretrained_cfg=_pretrained_cfg(arch, published), num_classes=arch.num_classes, **arch.model_args)
     try:
-        remapped = family_of(arch.model).filter_fn(dict(state_dict), model)
+        remapped = family_of(arch.model).checkpoint_filter_fn(dict(state_dict), model)
         _check_values(remapped, model)
         model.load_state_dict(remapped, strict=True)
     except RuntimeError as err:
