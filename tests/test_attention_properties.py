@@ -1,6 +1,7 @@
 """Property-based: every CPU backend equals ``reference`` (values and NaN positions) or raises a
 clear error, over random shapes, per-axis kernels and dilations, dtypes, RPB or not, empty
-batch/heads and non-finite values; ``tiled``'s gradients too. Runs in well under a minute
+batch/heads and non-finite values; ``tiled``'s gradients too; the legacy API (``compat``) against an
+independent gather, NaN/Inf included. Runs in well under a minute
 (fixed example counts, derandomized so CI is reproducible; no example database is written)."""
 import math
 
@@ -9,9 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from timm_nat.attention import na2d
+from timm_nat.attention import na2d, neighborhood_1d
 from timm_nat.attention.flex import na2d_flex
 from timm_nat.attention.reference import na2d_reference
+from timm_nat.compat import natten2dav, natten2dqkrpb
 
 _SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -105,3 +107,70 @@ def test_gradients_equal_reference(p):
                 assert not any(g is not None and g.any() for g in (ours, expected))
                 continue
             _assert_matches(ours, expected, torch.float64, f"{backend} grad {index}")
+
+
+# --- the legacy API (timm_nat.compat) against an independent gather of each query's window -------------------
+
+@st.composite
+def legacy_problems(draw):
+    """fp64 ``[batch, heads, H, W, dim]`` q, k, v (and a grad_out) with NaN/Inf planted anywhere."""
+    kernel = (draw(st.integers(2, 4)), draw(st.integers(2, 4)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    height, width = (k * d + draw(st.integers(0, 4)) for k, d in zip(kernel, dilation))
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), height, width, draw(st.sampled_from([1, 4])))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q, k, v, grad_out = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(4))
+    rpb = None
+    if draw(st.booleans()):
+        rpb = torch.randn(shape[1], 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=gen, dtype=torch.float64)
+    for _ in range(draw(st.integers(1, 3))):
+        target = draw(st.sampled_from([q, k, v, grad_out]))
+        target.view(-1)[draw(st.integers(0, q.numel() - 1))] = draw(st.sampled_from(_NONFINITE))
+    return dict(q=q, k=k, v=v, grad_out=grad_out, rpb=rpb, kernel=kernel, dilation=dilation)
+
+
+def _gathered_windows(p):
+    """Window keys of every query as [H, W, kh*kw] row and column positions, and the RPB indices."""
+    height, width = p["q"].shape[2:4]
+    rows, row_bias = neighborhood_1d(height, p["kernel"][0], p["dilation"][0])
+    cols, col_bias = neighborhood_1d(width, p["kernel"][1], p["dilation"][1])
+    grid = (height, width, *p["kernel"])
+
+    def per_query(row_index, col_index):
+        return (row_index[:, None, :, None].expand(grid).reshape(height, width, -1),
+                col_index[None, :, None, :].expand(grid).reshape(height, width, -1))
+    return per_query(rows, cols), per_query(row_bias, col_bias)
+
+
+def _gather_qk(q, k, rpb, p):
+    (rows, cols), (row_bias, col_bias) = _gathered_windows(p)
+    logits = torch.einsum("bnhwd,bnhwkd->bnhwk", q, k[:, :, rows, cols])
+    return logits if rpb is None else logits + rpb[:, row_bias, col_bias]
+
+
+def _gather_av(attn, v, p):
+    (rows, cols), _ = _gathered_windows(p)
+    return torch.einsum("bnhwk,bnhwkd->bnhwd", attn, v[:, :, rows, cols])
+
+
+@settings(max_examples=40, **_SETTINGS)
+@given(p=legacy_problems())
+def test_legacy_api_nonfinite_stays_in_the_window(p):
+    """``natten2dqkrpb -> softmax -> natten2dav`` and its gradients (q, k, v, rpb, and the weights'
+    own gradient through ``natten2dav`` alone) equal an explicit gather of each query's window,
+    NaN and Inf positions included: a NaN/Inf reaches only the outputs whose windows hold it."""
+    inputs = [t.requires_grad_() for t in (p["q"], p["k"], p["v"], p["rpb"]) if t is not None]
+    results = []
+    for qk, av in ((lambda q, k, rpb: natten2dqkrpb(q, k, rpb, p["kernel"], p["dilation"]),
+                    lambda attn, v: natten2dav(attn, v, p["kernel"], p["dilation"])),
+                   (lambda q, k, rpb: _gather_qk(q, k, rpb, p), lambda attn, v: _gather_av(attn, v, p))):
+        logits = qk(p["q"], p["k"], p["rpb"])
+        attn = logits.softmax(-1)
+        out = av(attn, p["v"])
+        grads = torch.autograd.grad((out * p["grad_out"]).sum(), inputs)
+        weights = attn.detach().requires_grad_()
+        grad_weights = torch.autograd.grad((av(weights, p["v"]) * p["grad_out"]).sum(), weights)
+        results.append((logits, out, *grads, *grad_weights))
+    names = ("logits", "out", "dq", "dk", "dv", "drpb")[:len(inputs) + 2] + ("dattn",)
+    for name, ours, expected in zip(names, *results):
+        _assert_matches(ours, expected, torch.float64, f"compat {name}")

@@ -136,6 +136,32 @@ def test_1d_ops_match_independent_gather():
     _assert_close("1d out", natten1dav(attn, v, 5, 3), torch.einsum("bnlk,bnlkd->bnld", attn, v[:, :, keys]))
 
 
+@pytest.mark.parametrize("where, planted", [("v", float("nan")), ("v", float("inf")), ("k", float("nan"))])
+def test_one_nonfinite_input_reaches_only_its_windows(where, planted):
+    """Issue 20 #2: one NaN/Inf in v (or k) reaches only the outputs (and dq entries) whose windows
+    hold it, as legacy NATTEN computed them (an Inf in v gives Inf there, no NaN), not whole tiles."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {name: torch.randn(1, 2, 16, 13, 4, generator=gen, dtype=torch.float64) for name in "qkv"}
+    tensors[where][0, 1, 7, 6, 2] = planted
+    q, k, v = (tensors[name].requires_grad_() for name in "qkv")
+    rpb = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
+    out = natten2dav(natten2dqkrpb(q, k, rpb, 3, (1, 2)).softmax(-1), v, 3, (1, 2))
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    # independent: the window of every query, gathered explicitly
+    rows, row_bias = neighborhood_1d(16, 3, 1)
+    cols, col_bias = neighborhood_1d(13, 3, 2)
+    window_k = k[:, :, rows[:, None, :, None], cols[None, :, None, :]].flatten(4, 5)    # [1, 2, 16, 13, 9, 4]
+    window_v = v[:, :, rows[:, None, :, None], cols[None, :, None, :]].flatten(4, 5)
+    bias = rpb[:, row_bias[:, None, :, None], col_bias[None, :, None, :]].flatten(3, 4)  # [2, 16, 13, 9]
+    attn = (torch.einsum("bnhwd,bnhwkd->bnhwk", q, window_k) + bias).softmax(-1)
+    expected = torch.einsum("bnhwk,bnhwkd->bnhwd", attn, window_v)
+    (expected_dq,) = torch.autograd.grad(expected.sum(), q)
+    assert 0 < (~expected.isfinite()).sum() < expected.numel() / 4  # a few windows, not the map
+    for ours, theirs in ((out, expected), (dq, expected_dq)):
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
 def test_unfused_ops_do_not_gather_kernel_squared_copies():
     """qk's peak memory stays near its output: a gather of K*K keys per query (head_dim 32) would
     hold 32x the logits."""

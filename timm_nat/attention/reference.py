@@ -8,7 +8,7 @@ import torch
 
 from .windows import neighborhood_1d
 
-__all__ = ["na2d_reference", "na2d_reference_at", "exact_where_nonfinite"]
+__all__ = ["na2d_reference", "na2d_reference_at", "exact_where_nonfinite", "holds_nonfinite"]
 
 
 def na2d_reference(
@@ -61,12 +61,20 @@ def exact_where_nonfinite(compute: Callable[..., torch.Tensor], query, key, valu
     The all-finite check is one sum per tensor; it is skipped on meta tensors and while
     ``torch.compile`` traces (a data-dependent branch would break the graph).
     """
-    if query.device.type == "meta" or torch.compiler.is_compiling() or _all_finite(query, key, value):
+    if not holds_nonfinite(query, key, value):
         return compute(query, key, value, kernel_size, dilation, rpb, scale)
     index = _queries_seeing_nonfinite(query, key, value, kernel_size, dilation)
     zeroed = (t.nan_to_num(0.0, 0.0, 0.0) for t in (query, key, value))
     out = compute(*zeroed, kernel_size, dilation, rpb, scale)
     return out.index_put(index, na2d_reference_at(query, key, value, kernel_size, dilation, rpb, scale, index))
+
+
+def holds_nonfinite(*tensors: torch.Tensor) -> bool:
+    """Whether an element of ``tensors`` is NaN or Inf, checked eagerly; False on meta tensors and
+    while ``torch.compile`` traces (a data-dependent branch would break the graph)."""
+    if tensors[0].device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not _all_finite(*tensors)
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from ..attention.functional import int_pair
+from ..attention.reference import holds_nonfinite
 from ..attention.windows import neighborhood_1d
 
 __all__ = [
@@ -78,6 +79,7 @@ class GridPlan(NamedTuple):
     halo_index: torch.Tensor    # [tiles * Hr * Hc]: position of each halo key
     window_index: torch.Tensor  # [H * W * Kr * Kc]: flat index into the tiles' dense scores
     output_index: torch.Tensor  # [H * W]: query slot holding each position
+    neighbour_index: torch.Tensor  # [H * W, Kr * Kc]: position of each query's window neighbours
     tile_shape: tuple           # (tiles, Tr * Tc, Hr * Hc)
 
 
@@ -100,8 +102,11 @@ def _grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple) -> 
         col_halo = cols.window_slot[cols.tile_of, cols.slot_of]                               # [W, Kc]
         halo_slot = row_halo[:, None, :, None] * halo_c + col_halo[None, :, None, :]          # [H, W, Kr, Kc]
         window_index = slot[:, :, None, None] * (halo_r * halo_c) + halo_slot
+        row_keys, _ = neighborhood_1d(height, kernel_size[0], dilation[0])
+        col_keys, _ = neighborhood_1d(width, kernel_size[1], dilation[1])
+        neighbour_index = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(height * width, -1)
         return GridPlan(query_index.reshape(-1), halo_index.reshape(-1), window_index.reshape(-1),
-                        slot.reshape(-1), (tiles_r * tiles_c, tile_r * tile_c, halo_r * halo_c))
+                        slot.reshape(-1), neighbour_index, (tiles_r * tiles_c, tile_r * tile_c, halo_r * halo_c))
 
 
 @functools.lru_cache(maxsize=128)
@@ -182,7 +187,24 @@ def _dense_weights(plan: GridPlan, w: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out[p] = sum_n w[p, n] * b[neighbour n of p]``: [rows, H*W, C]."""
+    """``out[p] = sum_n w[p, n] * b[neighbour n of p]``: [rows, H*W, C].
+
+    The dense tiles weight keys outside a window by zero, and ``0 * NaN`` is NaN: where ``b`` holds
+    a NaN/Inf, the tiles run on ``b`` with those rows zeroed and every output whose window holds
+    one is recomputed from its own window (legacy semantics: nothing spreads beyond the window).
+    """
+    if not holds_nonfinite(b):
+        return _apply_dense_weights(plan, w, b)
+    bad = ~b.isfinite().all(-1)                                                 # [rows, H*W]
+    out = _apply_dense_weights(plan, w, b.masked_fill(bad[..., None], 0))
+    neighbours = plan.neighbour_index.to(b.device)                              # [H*W, Kr*Kc]
+    row, query = bad[:, neighbours].any(-1).nonzero(as_tuple=True)              # outputs that see one
+    window = b[row[:, None], neighbours[query]]                                 # [m, Kr*Kc, C]
+    exact = torch.einsum("mn,mnc->mc", w[row, query].to(b.dtype), window)
+    return out.index_put((row, query), exact)
+
+
+def _apply_dense_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     tiles, tile_len, halo_len = plan.tile_shape
     out = b.new_empty(b.shape)
     for rows in _row_chunks(plan, b.shape[0], b.element_size()):
@@ -193,7 +215,23 @@ def _apply_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 
 def _scatter_weights(plan: GridPlan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``out[m] = sum over (p, n) with neighbour n of p == m of w[p, n] * a[p]``: [rows, H*W, C]."""
+    """``out[m] = sum over (p, n) with neighbour n of p == m of w[p, n] * a[p]``: [rows, H*W, C].
+
+    As :func:`_apply_weights`, a NaN/Inf row of ``a`` must reach only its own window's keys: the
+    tiles run without the non-finite rows (their ``a`` and ``w`` zeroed), whose terms are then
+    added to exactly the keys of their windows.
+    """
+    if not holds_nonfinite(a):
+        return _scatter_dense_weights(plan, w, a)
+    bad = ~a.isfinite().all(-1)                                                 # [rows, H*W]
+    out = _scatter_dense_weights(plan, w.masked_fill(bad[..., None], 0), a.masked_fill(bad[..., None], 0))
+    row, query = bad.nonzero(as_tuple=True)
+    neighbours = plan.neighbour_index.to(a.device)[query]                      # [m, Kr*Kc]
+    terms = w[row, query].to(a.dtype)[:, :, None] * a[row, query][:, None, :]  # [m, Kr*Kc, C]
+    return out.index_put((row[:, None].expand_as(neighbours), neighbours), terms, accumulate=True)
+
+
+def _scatter_dense_weights(plan: GridPlan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     tiles, tile_len, halo_len = plan.tile_shape
     out = a.new_zeros(a.shape)
     for rows in _row_chunks(plan, a.shape[0], a.element_size()):
