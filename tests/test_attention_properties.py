@@ -40,8 +40,8 @@ def problems(draw, dtypes=(torch.float32, torch.float64, torch.bfloat16), nonfin
         rpb = torch.randn(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=gen, dtype=torch.float64).to(dtype)
     if nonfinite and q.numel():
         for _ in range(draw(st.integers(0, 3))):
-            target = draw(st.sampled_from([q, k, v]))
-            target.view(-1)[draw(st.integers(0, q.numel() - 1))] = draw(st.sampled_from(_NONFINITE))
+            target = draw(st.sampled_from([t for t in (q, k, v, rpb) if t is not None]))
+            target.view(-1)[draw(st.integers(0, target.numel() - 1))] = draw(st.sampled_from(_NONFINITE))
     return dict(q=q, k=k, v=v, kernel=kernel, dilation=dilation, rpb=rpb, scale=shape[-1] ** -0.5)
 
 
@@ -107,6 +107,33 @@ def test_gradients_equal_reference(p):
                 assert not any(g is not None and g.any() for g in (ours, expected))
                 continue
             _assert_matches(ours, expected, torch.float64, f"{backend} grad {index}")
+
+
+@pytest.mark.parametrize("backend", ["tiled", "cpu_fused"])
+def test_rows_whose_every_logit_is_minus_inf_are_nan(backend):
+    """An RPB of -inf on one head makes every logit of its queries -inf: the reference's softmax is
+    NaN there, and so must the backends' be (tiled's SDPA took such rows as fully masked: 0)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 9, 8, 3, 4, generator=gen) for _ in range(3))
+    rpb = torch.randn(3, 5, 5, generator=gen)
+    rpb[1] = -math.inf
+    rpb[2, 0, 0] = -math.inf  # one offset only: ordinary masking, finite outputs
+    expected = na2d_reference(q, k, v, (3, 3), (1, 2), rpb, 0.5)
+    assert expected[..., 1, :].isnan().all() and expected[..., (0, 2), :].isfinite().all()
+    _assert_matches(na2d(q, k, v, 3, (1, 2), rpb=rpb, scale=0.5, backend=backend), expected, torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", ["tiled", "cpu_fused", "reference"])
+@pytest.mark.parametrize("batch, heads", [(0, 2), (2, 0)])
+def test_empty_input_keeps_every_input_in_the_graph(backend, batch, heads):
+    """An empty batch (or no heads) gives an empty output whose gradient w.r.t. q, k, v and rpb is
+    zero, not an error (tiled's SDPA returned a result cut off from its inputs)."""
+    q, k, v = (torch.randn(batch, 6, 7, heads, 4, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(heads, 5, 5, requires_grad=True)
+    out = na2d(q, k, v, 3, 1, rpb=rpb, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, rpb))
+    for grad, tensor in zip(grads, (q, k, v, rpb)):
+        assert grad.shape == tensor.shape and not grad.any()
 
 
 # --- the legacy API (timm_nat.compat) against an independent gather of each query's window -------------------

@@ -276,7 +276,15 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
         return _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile)
     if _is_traced():  # a recorded graph holds no data-dependent branch; see exact_where_nonfinite
         return dense(query, key, value, kernel_size, dilation, rpb, scale)
+    if query.numel() == 0:  # SDPA's empty result is cut off from its inputs: keep their (zero) gradients
+        return _empty_result(query, key, value, rpb)
     return exact_where_nonfinite(dense, query, key, value, kernel_size, dilation, rpb, scale)
+
+
+def _empty_result(query, key, value, rpb) -> torch.Tensor:
+    """The empty output of an empty input, with autograd edges to every input (zero gradients)."""
+    inputs = [t for t in (key, value, rpb) if t is not None]
+    return query * 0 + sum(t.sum() for t in inputs).to(query.dtype) * 0
 
 
 def _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile):
