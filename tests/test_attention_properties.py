@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from timm_nat.attention import na2d, neighborhood_1d
 from timm_nat.attention.flex import na2d_flex
+from timm_nat.attention import tiling
 from timm_nat.attention.reference import na2d_reference
 from timm_nat.compat import natten2dav, natten2dqkrpb
 
@@ -201,3 +202,40 @@ def test_legacy_api_nonfinite_stays_in_the_window(p):
     names = ("logits", "out", "dq", "dk", "dv", "drpb")[:len(inputs) + 2] + ("dattn",)
     for name, ours, expected in zip(names, *results):
         _assert_matches(ours, expected, torch.float64, f"compat {name}")
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(kernel=st.tuples(st.integers(1, 5), st.integers(2, 5)),
+       dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       extra=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+       tile=st.tuples(st.integers(1, 6), st.integers(1, 6)))
+def test_tiling_holds_every_window(kernel, dilation, extra, tile):
+    """The one tiling (``tiled`` and the legacy API): each query's slot and ``window_index`` entries
+    address exactly its own window's keys (``neighborhood_1d``) in row-major order, and ``tiled``'s
+    bias classes give those pairs their RPB index and every other pair of the tile ``MASKED``."""
+    height, width = (k * d + e for k, d, e in zip(kernel, dilation, extra))
+    args = (height, width, kernel, dilation, tile)
+    plan, windows = tiling.grid_plan(*args), tiling.window_index(*args)
+    tiles, tile_len, halo_len = plan.tile_shape
+    query_slot, halo_slot = windows // halo_len, windows % halo_len
+    rows, row_bias = neighborhood_1d(height, kernel[0], dilation[0])
+    cols, col_bias = neighborhood_1d(width, kernel[1], dilation[1])
+    positions = torch.arange(height * width)
+    assert torch.equal(plan.query_index[plan.output_index], positions)
+    assert torch.equal(query_slot.view(height * width, -1), plan.output_index[:, None].expand(-1, math.prod(kernel)))
+    expected = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
+    assert torch.equal(plan.key_index[(query_slot // tile_len) * halo_len + halo_slot], expected)
+    # tiled's additive bias: RPB index inside each window, MASKED elsewhere
+    tile_of, slot = plan.output_index // tile_len, plan.output_index % tile_len
+    row_class, col_class = plan.tile_class[tile_of] // len(plan.col_bias), plan.tile_class[tile_of] % len(plan.col_bias)
+    bias_rows = plan.row_bias[row_class, slot // tile[1]]            # [H*W, Hkr]
+    bias_cols = plan.col_bias[col_class, slot % tile[1]]             # [H*W, Hkc]
+    inside = (bias_rows[:, :, None] != tiling.MASKED) & (bias_cols[:, None, :] != tiling.MASKED)
+    assert torch.equal(inside.sum((1, 2)), torch.full((height * width,), math.prod(kernel)))
+    in_window = inside.flatten(1).nonzero()[:, 1].view(height * width, -1)  # row-major halo slots
+    assert torch.equal(in_window.reshape(-1), halo_slot)
+    grid = (height, width, *kernel)
+    expected_bias = (row_bias[:, None, :, None].expand(grid), col_bias[None, :, None, :].expand(grid))
+    got_bias = (bias_rows.gather(1, in_window // plan.halo[1]), bias_cols.gather(1, in_window % plan.halo[1]))
+    for got, want in zip(got_bias, expected_bias):
+        assert torch.equal(got.view(-1), want.reshape(-1))

@@ -5,17 +5,14 @@ Layout as the legacy kernels took it: ``[batch, heads, height, width, dim]``; at
 is *not* scaled inside ``natten2dqkrpb`` (callers scale it first, as NATTEN's own module and
 transformers' ``DinatSelfAttention`` did).
 
-How it runs on CPU: each axis is split into dilation groups and each group into tiles of
-``T`` queries, whose windows all lie in a halo of at most ``T + K - 1`` keys of that group.
-``qk`` multiplies every query tile with its key halo (one batched matmul) and picks each query's
-``K*K`` window entries out of the dense tile scores; ``av`` scatters the weights into a dense
-(zero elsewhere) tile and multiplies it with the value halo. Keys and values are gathered about
-``((T + K - 1) / T)**2`` times instead of ``K*K`` times, and everything is plain differentiable
-torch ops, so autograd covers query, key, rpb, attention and value.
+How it runs: on the query tiles and key halos of :mod:`timm_nat.attention.tiling`. ``qk``
+multiplies every query tile with its key halo (one batched matmul) and picks each query's ``K*K``
+window entries out of the dense tile scores; ``av`` scatters the weights into a dense (zero
+elsewhere) tile and multiplies it with the value halo. Hand-written backwards use the same three
+tile products, so autograd covers query, key, rpb, attention and value.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -23,6 +20,7 @@ import torch
 
 from ..attention.functional import int_pair
 from ..attention.reference import holds_nonfinite
+from ..attention.tiling import chunk_slices, choose_tile, grid_plan, plan_cache, plan_on, window_index
 from ..attention.windows import neighborhood_1d
 
 __all__ = [
@@ -33,98 +31,33 @@ __all__ = [
 IntOrPair = Union[int, tuple[int, int]]
 
 
-class AxisTiles(NamedTuple):
-    """Tiling of one axis; positions in original (un-dilated) coordinates."""
-    query: torch.Tensor        # [tiles, T]: query position of each slot (short tiles repeat their last)
-    halo: torch.Tensor         # [tiles, Hk]: key position of each halo slot (padding repeats the group's last)
-    window_slot: torch.Tensor  # [tiles, T, K]: halo slot of each window neighbour
-    tile_of: torch.Tensor      # [length]: tile of each position's query
-    slot_of: torch.Tensor      # [length]: its slot in that tile
-
-
-def _tile_size(length: int, kernel_size: int, dilation: int) -> int:
-    """Queries per tile: fewest (padded queries x halo) score entries, plus a per-tile overhead
-    worth 32 entries (small batched matmuls are slower per entry). Tiles of 4 to 8 queries measured
-    within 10% of each other at NAT-Mini's stage shapes on CPU."""
-    n = -(-length // dilation)  # longest dilation group
-    costs = {t: dilation * -(-n // t) * (t * min(t + kernel_size - 1, n) + 32) for t in range(1, min(n, 16) + 1)}
-    return min(costs, key=costs.get)
-
-
-def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int) -> AxisTiles:
-    keys, _ = neighborhood_1d(length, kernel_size, dilation)
-    tile_of = torch.empty(length, dtype=torch.long)
-    slot_of = torch.empty(length, dtype=torch.long)
-    queries, halo_starts, spans = [], [], []
-    for group in range(dilation):
-        members = torch.arange(group, length, dilation)
-        for first in range(0, len(members), tile):
-            q = members[first:first + tile]
-            tile_of[q], slot_of[q] = len(queries), torch.arange(len(q))
-            queries.append(torch.cat([q, q[-1:].expand(tile - len(q))]))
-            halo_starts.append(keys[q[0], 0].item())
-            spans.append((keys[q[-1], -1].item() - halo_starts[-1]) // dilation + 1)
-    query = torch.stack(queries)
-    start = torch.tensor(halo_starts)[:, None]
-    group = query[:, :1] % dilation
-    group_last = group + dilation * ((length - 1 - group) // dilation)
-    halo = torch.minimum(start + dilation * torch.arange(max(spans)), group_last)
-    window_slot = (keys[query] - start[:, :, None]) // dilation
-    return AxisTiles(query, halo, window_slot, tile_of, slot_of)
-
-
-class GridPlan(NamedTuple):
-    """Both axes combined, flat indices, tiles in row-major (row tile, column tile) order."""
-    query_index: torch.Tensor   # [tiles * Tr * Tc]: position (row * width + col) of each query slot
-    halo_index: torch.Tensor    # [tiles * Hr * Hc]: position of each halo key
-    window_index: torch.Tensor  # [H * W * Kr * Kc]: flat index into the tiles' dense scores
-    output_index: torch.Tensor  # [H * W]: query slot holding each position
+class _Plan(NamedTuple):
+    """The shared tiling (:func:`~timm_nat.attention.tiling.grid_plan`) and each query's window."""
+    query_index: torch.Tensor      # [tiles * Tr * Tc]: position (row * width + col) of each query slot
+    key_index: torch.Tensor        # [tiles * Hr * Hc]: position of each halo key
+    window_index: torch.Tensor     # [H * W * Kr * Kc]: flat index into the tiles' dense scores
+    output_index: torch.Tensor     # [H * W]: query slot holding each position
     neighbour_index: torch.Tensor  # [H * W, Kr * Kc]: position of each query's window neighbours
-    tile_shape: tuple           # (tiles, Tr * Tc, Hr * Hc)
+    row_bias: torch.Tensor         # [H, W, Kr * Kc]: RPB row index of each (query, neighbour)
+    col_bias: torch.Tensor         # [H, W, Kr * Kc]: RPB column index
+    tile_shape: tuple              # (tiles, Tr * Tc, Hr * Hc)
 
 
-@functools.lru_cache(maxsize=128)
-def _grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple) -> GridPlan:
-    # Cached tensors must be normal CPU tensors even if first built under inference_mode or a
-    # default-device context (``with torch.device("meta")``).
-    with torch.inference_mode(False), torch.device("cpu"):
-        rows = _axis_tiles(height, kernel_size[0], dilation[0], _tile_size(height, kernel_size[0], dilation[0]))
-        cols = _axis_tiles(width, kernel_size[1], dilation[1], _tile_size(width, kernel_size[1], dilation[1]))
-        tiles_r, tile_r, halo_r = rows.halo.shape[0], rows.query.shape[1], rows.halo.shape[1]
-        tiles_c, tile_c, halo_c = cols.halo.shape[0], cols.query.shape[1], cols.halo.shape[1]
+@plan_cache(maxsize=128)
+def _plan(height: int, width: int, kernel_size: tuple, dilation: tuple) -> _Plan:
+    tile = tuple(choose_tile(n, k, d) for n, k, d in zip((height, width), kernel_size, dilation))
+    grid = grid_plan(height, width, kernel_size, dilation, tile)
+    row_keys, row_bias = neighborhood_1d(height, kernel_size[0], dilation[0])
+    col_keys, col_bias = neighborhood_1d(width, kernel_size[1], dilation[1])
+    grid_shape = (height, width, kernel_size[0], kernel_size[1])
 
-        query_index = rows.query[:, None, :, None] * width + cols.query[None, :, None, :]
-        halo_index = rows.halo[:, None, :, None] * width + cols.halo[None, :, None, :]
-        # slot of each position's query: ((tile_r * tiles_c + tile_c) * Tr + slot_r) * Tc + slot_c
-        slot = (((rows.tile_of[:, None] * tiles_c + cols.tile_of[None, :]) * tile_r + rows.slot_of[:, None]) * tile_c
-                + cols.slot_of[None, :])                                                      # [H, W]
-        row_halo = rows.window_slot[rows.tile_of, rows.slot_of]                               # [H, Kr]
-        col_halo = cols.window_slot[cols.tile_of, cols.slot_of]                               # [W, Kc]
-        halo_slot = row_halo[:, None, :, None] * halo_c + col_halo[None, :, None, :]          # [H, W, Kr, Kc]
-        window_index = slot[:, :, None, None] * (halo_r * halo_c) + halo_slot
-        row_keys, _ = neighborhood_1d(height, kernel_size[0], dilation[0])
-        col_keys, _ = neighborhood_1d(width, kernel_size[1], dilation[1])
-        neighbour_index = (row_keys[:, None, :, None] * width + col_keys[None, :, None, :]).reshape(height * width, -1)
-        return GridPlan(query_index.reshape(-1), halo_index.reshape(-1), window_index.reshape(-1),
-                        slot.reshape(-1), neighbour_index, (tiles_r * tiles_c, tile_r * tile_c, halo_r * halo_c))
-
-
-@functools.lru_cache(maxsize=128)
-def _bias_index(height: int, width: int, kernel_size: tuple, dilation: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """RPB row and column index of every (query, neighbour): two [H, W, Kr*Kc] tensors."""
-    with torch.inference_mode(False):
-        _, row_bias = neighborhood_1d(height, kernel_size[0], dilation[0])
-        _, col_bias = neighborhood_1d(width, kernel_size[1], dilation[1])
-        shape = (height, width, kernel_size[0], kernel_size[1])
-        rows = row_bias[:, None, :, None].expand(shape).reshape(height, width, -1)
-        cols = col_bias[None, :, None, :].expand(shape).reshape(height, width, -1)
-        return rows, cols
-
-
-def _plan_on(plan: GridPlan, device: torch.device) -> GridPlan:
-    if device.type == "cpu":
-        return plan
-    return GridPlan(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in plan))
+    def per_query(row_index, col_index):  # [H, Kr] x [W, Kc] -> [H, W, Kr * Kc]
+        return (row_index[:, None, :, None].expand(grid_shape).reshape(height, width, -1),
+                col_index[None, :, None, :].expand(grid_shape).reshape(height, width, -1))
+    neighbour_rows, neighbour_cols = per_query(row_keys, col_keys)
+    return _Plan(grid.query_index, grid.key_index, window_index(height, width, kernel_size, dilation, tile),
+                 grid.output_index, (neighbour_rows * width + neighbour_cols).view(height * width, -1),
+                 *per_query(row_bias, col_bias), grid.tile_shape)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -151,34 +84,27 @@ def _check_map(name: str, x: torch.Tensor, kernel_size, dilation, minimum_kernel
     return kernel_size, dilation
 
 
-# Dense tile scores are processed in chunks of (batch * heads) rows of about this many bytes:
-# small buffers stay in cache and glibc reuses them, while one large buffer is unmapped and
-# page-faulted anew on every call (measured at NAT-Mini stage 1: 100 ms unchunked, 49 ms in 2 MB chunks).
-_CHUNK_BYTES = 2 * 2**20
-
-
-def _row_chunks(plan: GridPlan, rows: int, element_size: int):
-    tiles, tile_len, halo_len = plan.tile_shape
-    step = max(1, _CHUNK_BYTES // (tiles * tile_len * halo_len * element_size))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+def _row_chunks(plan: _Plan, rows: int, element_size: int) -> list[slice]:
+    """Chunks of (batch * heads) rows, by the bytes of their dense tile scores."""
+    return chunk_slices(rows, math.prod(plan.tile_shape) * element_size)
 
 
 # The three tile products. ``a``/``b`` are [rows, H*W, C] maps, ``w`` [rows, H*W, Kr*Kc] window
 # weights; every op of both legacy functions and of their gradients is one of these.
 
-def _window_scores(plan: GridPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _window_scores(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``w[p, n] = a[p] . b[neighbour n of p]``: [rows, H*W, Kr*Kc]."""
     tiles, tile_len, halo_len = plan.tile_shape
     out = a.new_empty(a.shape[0], plan.window_index.numel())
     for rows in _row_chunks(plan, a.shape[0], a.element_size()):
         a_tiles = a[rows].index_select(1, plan.query_index).view(-1, tile_len, a.shape[-1])
-        b_halo = b[rows].index_select(1, plan.halo_index).view(-1, halo_len, b.shape[-1])
+        b_halo = b[rows].index_select(1, plan.key_index).view(-1, halo_len, b.shape[-1])
         scores = torch.bmm(a_tiles, b_halo.transpose(1, 2)).view(rows.stop - rows.start, -1)
         torch.index_select(scores, 1, plan.window_index, out=out[rows])
     return out.view(a.shape[0], a.shape[1], -1)
 
 
-def _dense_weights(plan: GridPlan, w: torch.Tensor) -> torch.Tensor:
+def _dense_weights(plan: _Plan, w: torch.Tensor) -> torch.Tensor:
     """Window weights [rows, H*W, Kr*Kc] as dense tile matrices [rows * tiles, T, Hk], zero outside windows."""
     tiles, tile_len, halo_len = plan.tile_shape
     dense = w.new_zeros(w.shape[0], tiles * tile_len * halo_len)
@@ -186,7 +112,7 @@ def _dense_weights(plan: GridPlan, w: torch.Tensor) -> torch.Tensor:
     return dense.view(-1, tile_len, halo_len)
 
 
-def _apply_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _apply_weights(plan: _Plan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``out[p] = sum_n w[p, n] * b[neighbour n of p]``: [rows, H*W, C].
 
     The dense tiles weight keys outside a window by zero, and ``0 * NaN`` is NaN: where ``b`` holds
@@ -197,24 +123,24 @@ def _apply_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Te
         return _apply_dense_weights(plan, w, b)
     bad = ~b.isfinite().all(-1)                                                 # [rows, H*W]
     out = _apply_dense_weights(plan, w, b.masked_fill(bad[..., None], 0))
-    neighbours = plan.neighbour_index.to(b.device)                              # [H*W, Kr*Kc]
+    neighbours = plan.neighbour_index                                           # [H*W, Kr*Kc]
     row, query = bad[:, neighbours].any(-1).nonzero(as_tuple=True)              # outputs that see one
     window = b[row[:, None], neighbours[query]]                                 # [m, Kr*Kc, C]
     exact = torch.einsum("mn,mnc->mc", w[row, query].to(b.dtype), window)
     return out.index_put((row, query), exact)
 
 
-def _apply_dense_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _apply_dense_weights(plan: _Plan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     tiles, tile_len, halo_len = plan.tile_shape
     out = b.new_empty(b.shape)
     for rows in _row_chunks(plan, b.shape[0], b.element_size()):
-        b_halo = b[rows].index_select(1, plan.halo_index).view(-1, halo_len, b.shape[-1])
+        b_halo = b[rows].index_select(1, plan.key_index).view(-1, halo_len, b.shape[-1])
         tile_out = torch.bmm(_dense_weights(plan, w[rows]), b_halo).view(rows.stop - rows.start, -1, b.shape[-1])
         torch.index_select(tile_out, 1, plan.output_index, out=out[rows])
     return out
 
 
-def _scatter_weights(plan: GridPlan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _scatter_weights(plan: _Plan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``out[m] = sum over (p, n) with neighbour n of p == m of w[p, n] * a[p]``: [rows, H*W, C].
 
     As :func:`_apply_weights`, a NaN/Inf row of ``a`` must reach only its own window's keys: the
@@ -226,18 +152,18 @@ def _scatter_weights(plan: GridPlan, w: torch.Tensor, a: torch.Tensor) -> torch.
     bad = ~a.isfinite().all(-1)                                                 # [rows, H*W]
     out = _scatter_dense_weights(plan, w.masked_fill(bad[..., None], 0), a.masked_fill(bad[..., None], 0))
     row, query = bad.nonzero(as_tuple=True)
-    neighbours = plan.neighbour_index.to(a.device)[query]                      # [m, Kr*Kc]
+    neighbours = plan.neighbour_index[query]                                    # [m, Kr*Kc]
     terms = w[row, query].to(a.dtype)[:, :, None] * a[row, query][:, None, :]  # [m, Kr*Kc, C]
     return out.index_put((row[:, None].expand_as(neighbours), neighbours), terms, accumulate=True)
 
 
-def _scatter_dense_weights(plan: GridPlan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _scatter_dense_weights(plan: _Plan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     tiles, tile_len, halo_len = plan.tile_shape
     out = a.new_zeros(a.shape)
     for rows in _row_chunks(plan, a.shape[0], a.element_size()):
         a_tiles = a[rows].index_select(1, plan.query_index).view(-1, tile_len, a.shape[-1])
         halo_out = torch.bmm(_dense_weights(plan, w[rows]).transpose(1, 2), a_tiles)
-        out[rows].index_add_(1, plan.halo_index, halo_out.view(rows.stop - rows.start, -1, a.shape[-1]))
+        out[rows].index_add_(1, plan.key_index, halo_out.view(rows.stop - rows.start, -1, a.shape[-1]))
     return out
 
 
@@ -281,17 +207,16 @@ class _AttnValue(torch.autograd.Function):
 
 def _qk(query, key, rpb, kernel_size, dilation):
     batch, heads, height, width, dim = query.shape
-    plan = _plan_on(_grid_plan(height, width, kernel_size, dilation), query.device)
+    plan = plan_on(_plan(height, width, kernel_size, dilation), query.device)
     logits = _QueryKey.apply(plan, _flat(query), _flat(key)).view(batch, heads, height, width, -1)
     if rpb is not None:
-        row_bias, col_bias = (t.to(query.device) for t in _bias_index(height, width, kernel_size, dilation))
-        logits = logits + rpb.to(logits.dtype)[:, row_bias, col_bias]
+        logits = logits + rpb.to(logits.dtype)[:, plan.row_bias, plan.col_bias]
     return logits
 
 
 def _av(attn, value, kernel_size, dilation):
     batch, heads, height, width, dim = value.shape
-    plan = _plan_on(_grid_plan(height, width, kernel_size, dilation), value.device)
+    plan = plan_on(_plan(height, width, kernel_size, dilation), value.device)
     weights = attn.to(value.dtype).reshape(batch * heads, height * width, -1)
     return _AttnValue.apply(plan, weights, _flat(value)).view(batch, heads, height, width, dim)
 
