@@ -16,11 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import timm_nat  # noqa: F401  (registers the models)
+import timm_nat.compat
 from timm_nat.attention import neighborhood_1d
+from timm_nat.attention_maps import attention_maps, record_attention_maps
 from timm_nat.benchmark import peak_tensor_bytes
 from timm_nat.compat import (
-    NeighborhoodAttention2D, attention_maps, na2d_av, na2d_qk, natten1dav, natten1dqk, natten1dqkrpb, natten2dav,
-    natten2dqk, natten2dqkrpb, record_attention_maps)
+    NeighborhoodAttention2D, na2d_av, na2d_qk, natten1dav, natten1dqk, natten1dqkrpb, natten2dav, natten2dqk,
+    natten2dqkrpb)
 from timm_nat.layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock
 from timm_nat.models.isotropic import RelPosGlobalAttention
 
@@ -512,6 +514,15 @@ def test_attention_maps_match_independent_softmax(family):
             expected, module_out = independent(module, inputs[name])
         _assert_close(f"{name} weights", weights, expected)
         _assert_close(f"{name} output from weights", module_out, outputs[name])
+
+
+def test_attention_maps_live_next_to_the_layers_and_compat_re_exports_them():
+    """``timm_nat.attention_maps`` is their home; ``timm_nat.compat`` (their old place, which the
+    README named) re-exports the same functions."""
+    import timm_nat.attention_maps as maps
+    for name in ("attention_maps", "record_attention_maps", "neighborhood_weights", "global_weights"):
+        assert getattr(timm_nat.compat, name) is getattr(maps, name)
+        assert getattr(maps, name).__module__ == "timm_nat.attention_maps"
 
 
 def test_record_attention_maps_any_forward_and_logits():

@@ -142,6 +142,16 @@ def test_models_reach_the_operator_only_through_layers():
     assert ".attention" in _imports(PACKAGE / "layers.py")
 
 
+def test_only_compat_knows_compat():
+    """``timm_nat.compat`` is the legacy NATTEN API on top of the package: nothing else imports it
+    (attention maps of our models live in ``timm_nat.attention_maps``)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "compat" in path.relative_to(PACKAGE).parts:
+            continue
+        offending = [m for m in _imports(path) if m.split(".")[-1] == "compat" or ".compat." in m or m == ".compat"]
+        assert offending == [], f"{path.relative_to(PACKAGE)} imports {offending}"
+
+
 def test_package_exports_only_the_public_api():
     assert sorted(timm_nat.__all__) == sorted([
         "na2d", "use_backend", "available_backends", "BACKEND_ENV_VAR",
@@ -154,7 +164,8 @@ def test_package_exports_only_the_public_api():
 
 
 @pytest.mark.parametrize("module_name", [
-    "timm_nat", "timm_nat.layers", "timm_nat.pretrained", "timm_nat.models", "timm_nat.models._helpers",
+    "timm_nat", "timm_nat.layers", "timm_nat.attention_maps", "timm_nat.pretrained", "timm_nat.models",
+    "timm_nat.models._helpers",
     "timm_nat.models.nat", "timm_nat.models.dinat_s", "timm_nat.models.isotropic"])
 def test_every_public_function_has_a_docstring(module_name):
     module = __import__(module_name, fromlist=["_"])

@@ -21,7 +21,8 @@ from timm.layers import DropPath, LayerScale, Mlp, resize_rel_pos_bias_table, tr
 from .attention import na2d
 from .attention.functional import int_pair
 
-__all__ = ["QkvAttention2d", "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock"]
+__all__ = ["QkvAttention2d", "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock",
+           "pad_to_window"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -87,6 +88,16 @@ class QkvAttention2d(nn.Module):
         return self.proj_drop(x)
 
 
+def pad_to_window(x: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
+    """Zero-pad an NHWC map on the bottom/right up to ``window_size`` (kernel * dilation) per axis,
+    as NATTEN's module (<= 0.14) and transformers did before the qkv projection."""
+    pad_bottom = max(0, window_size[0] - x.shape[1])
+    pad_right = max(0, window_size[1] - x.shape[2])
+    if pad_bottom or pad_right:
+        x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+    return x
+
+
 class NeighborhoodAttention2d(QkvAttention2d):
     """2-D (dilated) neighborhood attention with optional relative positional bias (RPB).
 
@@ -145,15 +156,12 @@ class NeighborhoodAttention2d(QkvAttention2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape
-        pad_bottom = max(0, self.window_size[0] - height)
-        pad_right = max(0, self.window_size[1] - width)
-        if pad_bottom or pad_right:
-            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-        q, k, v = self.split_qkv(x)
-        x = na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
-        if pad_bottom or pad_right:
-            x = x[:, :height, :width]
-        return self.merge_heads(x)
+        padded = pad_to_window(x, self.window_size)
+        q, k, v = self.split_qkv(padded)
+        out = na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
+        if padded is not x:  # crop the padding off again
+            out = out[:, :height, :width]
+        return self.merge_heads(out)
 
     def extra_repr(self) -> str:
         """Heads, kernel, dilation and whether an RPB table is learnt, for ``repr``."""
