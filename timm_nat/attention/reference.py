@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .graph_mode import is_compiling
 from .windows import neighborhood_1d
 
 __all__ = ["na2d_reference", "na2d_reference_at", "exact_where_nonfinite", "holds_nonfinite"]
@@ -73,7 +74,7 @@ def exact_where_nonfinite(compute: Callable[..., torch.Tensor], query, key, valu
 def holds_nonfinite(*tensors: torch.Tensor) -> bool:
     """Whether an element of ``tensors`` is NaN or Inf, checked eagerly; False on meta tensors and
     while ``torch.compile`` traces (a data-dependent branch would break the graph)."""
-    if tensors[0].device.type == "meta" or torch.compiler.is_compiling():
+    if tensors[0].device.type == "meta" or is_compiling():
         return False
     return not _all_finite(*tensors)
 

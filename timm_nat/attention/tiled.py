@@ -18,16 +18,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import graph_mode
 from .reference import exact_where_nonfinite
 from .tiling import GridPlan, axis_plan, choose_tile, chunk_slices, grid_plan, halo_length, plan_on
 
 __all__ = ["na2d_tiled", "axis_plan", "choose_tile"]
-
-
-def _is_traced() -> bool:
-    """Whether this call is being recorded into a graph (torch.compile, torch.export, torch.jit.trace,
-    ONNX export) rather than run eagerly."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 @torch.compiler.assume_constant_result
@@ -35,11 +30,6 @@ def _plan_tensor(height: int, width: int, kernel_size: tuple, dilation: tuple, t
     """One tensor of :func:`grid_plan`; torch.compile calls it at trace time and keeps the result
     as a graph constant instead of tracing the builder (one tensor per call: what it can hold)."""
     return grid_plan(height, width, kernel_size, dilation, tile)[field]
-
-
-# torch < 2.15's dynamo keeps one assume_constant_result constant per function name (a second call
-# in a graph asserts "already in seen_sources"); there the plan is fetched across a graph break.
-_CONSTANT_PLANS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 15)
 
 
 @torch._dynamo.disable
@@ -64,12 +54,12 @@ def _static_spatial_size(query: torch.Tensor) -> tuple[int, int]:
     tensors: their values at trace time are read, and :func:`_traced_size_guard` checks them.
     """
     height, width = query.shape[1], query.shape[2]
-    if torch.compiler.is_exporting() and not (isinstance(height, int) and isinstance(width, int)):
+    if graph_mode.is_torch_exporting() and not (isinstance(height, int) and isinstance(width, int)):
         raise ValueError(
             f"na2d cannot be exported with a dynamic height or width (got {height} x {width}): its index plans "
             f"are built per map size. Export with static spatial dims (a dynamic batch is supported), "
             f"one graph per input size.")
-    if torch.jit.is_tracing():
+    if graph_mode.is_jit_tracing():
         with warnings.catch_warnings():  # the conversion is intended: _traced_size_guard checks it
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return int(height), int(width)
@@ -119,7 +109,7 @@ def na2d_tiled(query, key, value, kernel_size, dilation, rpb, scale, tile=None):
     """
     def dense(query, key, value, kernel_size, dilation, rpb, scale):
         return _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile)
-    if _is_traced():  # a recorded graph holds no data-dependent branch; see exact_where_nonfinite
+    if graph_mode.is_recording():  # a recorded graph holds no data-dependent branch; see exact_where_nonfinite
         return dense(query, key, value, kernel_size, dilation, rpb, scale)
     if query.numel() == 0:  # SDPA's empty result is cut off from its inputs: keep their (zero) gradients
         return _empty_result(query, key, value, rpb)
@@ -135,17 +125,17 @@ def _empty_result(query, key, value, rpb) -> torch.Tensor:
 def _na2d_dense_tiles(query, key, value, kernel_size, dilation, rpb, scale, tile):
     """Eagerly: cached plans, chunks of about ``tiling.CHUNK_BYTES``. Traced: constant plans, one chunk, and
     the batch size only ever as the traced value (int, SymInt or jit-traced size), never derived."""
-    traced = _is_traced()
+    traced = graph_mode.is_recording()
     b, _, _, heads, dim = query.shape
     height, width = _static_spatial_size(query) if traced else query.shape[1:3]
     if tile is None:
         tile = (choose_tile(height, kernel_size[0], dilation[0]), choose_tile(width, kernel_size[1], dilation[1]))
     build = _traced_plan if traced else grid_plan
-    if traced and torch.compiler.is_compiling() and not _CONSTANT_PLANS:
+    if traced and graph_mode.is_compiling() and graph_mode.OLD_DYNAMO:  # one constant per name: see OLD_DYNAMO
         build = _plan_across_a_graph_break
     plan = build(height, width, tuple(kernel_size), tuple(dilation), tuple(tile))
     plan = plan_on(plan, query.device)
-    if torch.jit.is_tracing():
+    if graph_mode.is_jit_tracing():
         guard = _traced_size_guard(query, height, width)
         plan = plan._replace(query_index=plan.query_index + guard, output_index=plan.output_index + guard)
     query_len, halo_len = tile[0] * tile[1], plan.halo[0] * plan.halo[1]

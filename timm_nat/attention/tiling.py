@@ -24,13 +24,13 @@ later training); callers move them to the input's device with :func:`plan_on`.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple
 
 import torch
 
+from .graph_mode import dispatch_recording, outside_recording
 from .windows import subgrid_length, window_start
 
 __all__ = ["AxisPlan", "GridPlan", "axis_plan", "grid_plan", "window_index", "choose_tile", "plan_on",
@@ -72,25 +72,6 @@ def chunk_slices(count: int, item_bytes: int) -> list[slice]:
     return [slice(start, min(start + step, count)) for start in range(0, count, step)] or [slice(0, 0)]
 
 
-def _recording() -> bool:
-    """Whether a dispatch mode (fake, proxy, functional) or the jit tracer is active."""
-    return bool(torch._C._len_torch_dispatch_stack() or torch._ops._len_torch_dispatch_stack_pre_dispatch()
-                or torch._C._get_tracing_state() is not None)
-
-
-@contextlib.contextmanager
-def _outside_tracing():
-    """Run eagerly on real tensors whatever records the caller: no fake / proxy / functional
-    dispatch modes (torch.export, make_fx), no jit tracer, inference mode off."""
-    tracing_state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        with torch.utils._python_dispatch._disable_current_modes(), torch.inference_mode(False):
-            yield
-    finally:
-        torch._C._set_tracing_state(tracing_state)
-
-
 def plan_cache(maxsize: int):
     """``functools.lru_cache`` for index plans, always built eagerly as real CPU tensors.
 
@@ -105,8 +86,8 @@ def plan_cache(maxsize: int):
 
         @functools.wraps(build)
         def plan(*args):
-            if _recording():
-                with _outside_tracing():
+            if dispatch_recording():
+                with outside_recording():
                     return cached(*args)
             with torch.inference_mode(False):  # eager: the cheap part of _outside_tracing is enough
                 return cached(*args)
