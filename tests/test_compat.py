@@ -164,6 +164,19 @@ def test_one_nonfinite_input_reaches_only_its_windows(where, planted):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
+@pytest.mark.parametrize("batch, heads", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads(batch, heads):
+    """An empty batch (or no heads) gives empty logits and outputs and zero gradients, as ``na2d``
+    does (the legacy ops used to fail reshaping an empty tensor with a -1 dimension)."""
+    q, k, v = (torch.randn(batch, heads, 6, 7, 4, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(heads, 5, 5, requires_grad=True)
+    logits = natten2dqkrpb(q, k, rpb, 3, 1)
+    out = natten2dav(logits.softmax(-1), v, 3, 1)
+    assert logits.shape == (batch, heads, 6, 7, 9) and out.shape == q.shape
+    for grad, tensor in zip(torch.autograd.grad(out.sum(), (q, k, v, rpb)), (q, k, v, rpb)):
+        assert grad.shape == tensor.shape and not grad.any()
+
+
 def test_unfused_ops_do_not_gather_kernel_squared_copies():
     """qk's peak memory stays near its output: a gather of K*K keys per query (head_dim 32) would
     hold 32x the logits."""

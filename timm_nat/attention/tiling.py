@@ -66,10 +66,10 @@ def choose_tile(length: int, kernel_size: int, dilation: int) -> int:
 
 
 def chunk_slices(count: int, item_bytes: int) -> list[slice]:
-    """``range(count)`` in slices of about :data:`CHUNK_BYTES` (items of ``item_bytes`` each; at
-    least one item per slice, one slice when everything is empty)."""
+    """``range(count)`` in slices of about :data:`CHUNK_BYTES` (items of ``item_bytes`` each, at
+    least one per slice; empty items all go in one slice)."""
     step = max(1, CHUNK_BYTES // max(1, item_bytes))
-    return [slice(start, min(start + step, count)) for start in range(0, count, step)] or [slice(0, 0)]
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def plan_cache(maxsize: int):

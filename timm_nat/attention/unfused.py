@@ -78,7 +78,7 @@ def _window_scores(plan: _Plan, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
         b_halo = b[rows].index_select(1, plan.key_index).view(-1, halo_len, b.shape[-1])
         scores = torch.bmm(a_tiles, b_halo.transpose(1, 2)).view(rows.stop - rows.start, -1)
         torch.index_select(scores, 1, plan.window_index, out=out[rows])
-    return out.view(a.shape[0], a.shape[1], -1)
+    return out.view(a.shape[0], a.shape[1], plan.window_index.numel() // a.shape[1])  # sizes explicit: rows may be 0
 
 
 def _dense_weights(plan: _Plan, w: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ def window_logits(query: torch.Tensor, key: torch.Tensor, rpb: Optional[torch.Te
     window arguments as validated pairs."""
     batch, heads, height, width, dim = query.shape
     plan = plan_on(_plan(height, width, kernel_size, dilation), query.device)
-    logits = _QueryKey.apply(plan, _flat(query), _flat(key)).view(batch, heads, height, width, -1)
+    logits = _QueryKey.apply(plan, _flat(query), _flat(key)).view(batch, heads, height, width, math.prod(kernel_size))
     if rpb is not None:
         logits = logits + rpb.to(logits.dtype)[:, plan.row_bias, plan.col_bias]
     return logits
@@ -201,5 +201,5 @@ def window_sum(attn: torch.Tensor, value: torch.Tensor, kernel_size: tuple[int, 
     (``attn`` ``[batch, heads, H, W, kh*kw]``, cast to ``value``'s dtype)."""
     batch, heads, height, width, dim = value.shape
     plan = plan_on(_plan(height, width, kernel_size, dilation), value.device)
-    weights = attn.to(value.dtype).reshape(batch * heads, height * width, -1)
+    weights = attn.to(value.dtype).reshape(batch * heads, height * width, math.prod(kernel_size))
     return _AttnValue.apply(plan, weights, _flat(value)).view(batch, heads, height, width, dim)
