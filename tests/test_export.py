@@ -11,7 +11,7 @@ import timm
 import torch
 
 import timm_nat  # noqa: F401  (registers the models)
-from timm_nat.attention import tiled
+from timm_nat.attention import tiled, tiling
 
 from conftest import tiny_kwargs
 
@@ -31,7 +31,7 @@ EXPORT_BATCH = 2  # torch.export specialises a size-1 dim; timm's onnx_export tr
 def several_chunks(monkeypatch):
     """Eager runs split the tiles into several chunks even on tiny models, as at real sizes: the
     chunk count depends on the batch size and must not reach a traced graph (it once did)."""
-    monkeypatch.setattr(tiled, "_CHUNK_BYTES", 2**12)
+    monkeypatch.setattr(tiling, "CHUNK_BYTES", 2**12)
 
 
 def _model(family: str) -> torch.nn.Module:
