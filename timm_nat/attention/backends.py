@@ -130,7 +130,7 @@ class FlexBackend(Backend):
 
     def run(self, query, key, value, kernel_size, dilation, rpb, scale):
         from .flex import na2d_flex
-        if torch.compiler.is_compiling():
+        if graph_mode.is_compiling():
             return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
         shape = (tuple(query.shape), query.dtype, query.device.type, tuple(kernel_size), tuple(dilation),
                  rpb is not None, torch.is_grad_enabled())
