@@ -348,23 +348,24 @@ def _op_arguments(**changes):
     q, k, v, grad_out = (torch.randn(1, 9, 8, 2, 4, generator=gen) for _ in range(4))
     args = dict(query=q, key=k, value=v, rpb=torch.randn(2, 5, 3, generator=gen), kernel_size=[3, 2],
                 dilation=[2, 3], scale=0.5)
-    out, lse = torch.ops.timm_nat_na2d.forward(*args.values())
+    _, lse = torch.ops.timm_nat_na2d.forward(*args.values())
     args.update(changes)
     forward = [args[n] for n in ("query", "key", "value", "rpb", "kernel_size", "dilation", "scale")]
-    backward = dict(grad_out=grad_out, out=out, lse=lse, rpb_grad=True)
+    backward = dict(grad_out=grad_out, lse=lse, rpb_grad=True)
     backward.update({n: v for n, v in changes.items() if n in backward})
-    backward_args = [backward["grad_out"], *forward[:3], backward["out"], backward["lse"], *forward[3:],
-                     backward["rpb_grad"]]
+    backward_args = [backward["grad_out"], *forward[:3], backward["lse"], *forward[3:], backward["rpb_grad"]]
     return forward, backward_args
 
 
 _BAD_OP_ARGUMENTS = {
     "rpb_too_small": (dict(rpb=torch.zeros(2, 3, 3)), r"rpb must be \[heads, 2\*kh-1, 2\*kw-1\] = \[2, 5, 3\], got \[2, 3, 3\]"),
-    "rpb_other_dtype": (dict(rpb=torch.zeros(2, 5, 3, dtype=torch.float64)), "rpb must have query's dtype Float"),
+    "rpb_other_dtype": (dict(rpb=torch.zeros(2, 5, 3, dtype=torch.float64)),
+                        "rpb must be float32 or have query's dtype Float, got Double"),
     "key_other_shape": (dict(key=torch.zeros(1, 9, 8, 2, 5)), r"key must have query's shape \[1, 9, 8, 2, 4\]"),
     "value_other_dtype": (dict(value=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float64)), "value must have query's dtype"),
     "query_4d": (dict(query=torch.zeros(9, 8, 2, 4)), r"query must be \[B, H, W, heads, D\]"),
-    "query_int": (dict(query=torch.zeros(1, 9, 8, 2, 4, dtype=torch.int32)), "query must be float32 or float64"),
+    "query_int": (dict(query=torch.zeros(1, 9, 8, 2, 4, dtype=torch.int32)),
+                  "query must be float32, float64, bfloat16 or float16, got Int"),
     "dilation_0": (dict(dilation=[0, 1]), r"dilation must be >= 1, got \[0, 1\]"),
     "kernel_0": (dict(kernel_size=[0, 2]), r"kernel_size must be >= 1, got \[0, 2\]"),
     "kernel_negative": (dict(kernel_size=[3, -1]), r"kernel_size must be >= 1, got \[3, -1\]"),
@@ -376,10 +377,10 @@ _BAD_OP_ARGUMENTS = {
 _BAD_BACKWARD_ARGUMENTS = {
     "lse_other_shape": (dict(lse=torch.zeros(1, 9, 8, 1)), r"lse must be \[B, H, W, heads\] = \[1, 9, 8, 2\], got \[1, 9, 8, 1\]"),
     "lse_strided": (dict(lse=torch.zeros(1, 9, 8, 4)[..., ::2]), "lse must be contiguous"),
-    "lse_other_dtype": (dict(lse=torch.zeros(1, 9, 8, 2, dtype=torch.float64)), "lse must be a CPU tensor of query's dtype"),
+    "lse_other_dtype": (dict(lse=torch.zeros(1, 9, 8, 2, dtype=torch.float64)),
+                        "lse must be a CPU tensor of query's accumulation dtype Float, got Double"),
     "grad_out_other_shape": (dict(grad_out=torch.zeros(1, 9, 7, 2, 4)), r"grad_out must have query's shape \[1, 9, 8, 2, 4\]"),
     "grad_out_other_dtype": (dict(grad_out=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float64)), "grad_out must have query's dtype"),
-    "out_other_shape": (dict(out=torch.zeros(1, 9, 8, 2, 2)), r"out must have query's shape"),
 }
 
 
