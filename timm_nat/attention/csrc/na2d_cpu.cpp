@@ -11,8 +11,8 @@
 //
 // Dot products: a window's keys are taken Vectorized::size() at a time, each dot product left as
 // a vector of partial sums, and the group reduced at once by a transpose-and-add tree.
-// Columns are visited in dilation-group order, so that consecutive queries share 6/7 of their
-// keys (dilated neighbours stay in L1).
+// (Visiting columns in dilation-group order, so that consecutive dilated queries share keys, was
+// slower: the clamped windows of a group's queries all have their own bias window.)
 //
 // Backward: probabilities are recomputed from the saved logsumexp, and the softmax's
 // delta = sum_slot p * (grad . v) is summed in the accumulation type (it needs no output, and
@@ -28,6 +28,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,6 +42,14 @@ namespace {
 
 using at::vec::Vectorized;
 
+// The per-query and per-key steps are compiled as functions of their own: inlined into the loops
+// of the whole pass, GCC kept their accumulators on the stack (a store and a load per step).
+#if defined(_MSC_VER)
+#define NA2D_NOINLINE __declspec(noinline)
+#else
+#define NA2D_NOINLINE __attribute__((noinline))
+#endif
+
 template <typename T>
 using acc_t = at::opmath_type<T>;  // float for float, bfloat16 and float16; double for double
 
@@ -51,7 +60,6 @@ struct AxisWindows {
   std::vector<int64_t> first_bias;  // [length]: rpb index of that key along this axis, in [0, kernel)
   std::vector<int64_t> inverse_begin;  // [length + 1]: CSR offsets into inverse_query/_slot
   std::vector<int64_t> inverse_query, inverse_slot;  // query position, and the key's slot in its window
-  std::vector<int64_t> order;  // [length]: positions by dilation group (neighbours in a window are adjacent)
 
   AxisWindows(int64_t length, int64_t kernel_, int64_t dilation_) : kernel(kernel_), dilation(dilation_) {
     first_key.resize(length);
@@ -77,8 +85,6 @@ struct AxisWindows {
         inverse_slot[at] = slot;
       }
     }
-    for (int64_t group = 0; group < std::min(dilation, length); ++group)
-      for (int64_t pos = group; pos < length; pos += dilation) order.push_back(pos);
   }
 };
 
@@ -215,7 +221,7 @@ struct HeadVec {
 template <typename A>
 struct HeadVec<A, 0> {
   using Vec = Vectorized<A>;
-  std::vector<A> r;
+  c10::SmallVector<A, 128> r;  // on the stack up to head_dim 128
   explicit HeadVec(int64_t dim) : r(dim) {}
   void zero() { std::fill(r.begin(), r.end(), A(0)); }
   template <typename T>
@@ -334,45 +340,175 @@ inline A max_of(const A* x, int64_t padded) {
   return hmax(m);
 }
 
+// One call's tensors, as pointers and strides, and the window's slot offsets in each.
+template <typename T>
+struct Maps {
+  using A = acc_t<T>;
+  const Problem& p;
+  const T *q, *k, *v;
+  Strided qs, ks, vs;
+  std::vector<int64_t> key_slots, value_slots;
+  A scale;
+  Maps(const Problem& p_, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, A scale_)
+      : p(p_), q(query.const_data_ptr<T>()), k(key.const_data_ptr<T>()), v(value.const_data_ptr<T>()),
+        qs(query), ks(key), vs(value), key_slots(p_.slot_offsets(ks)), value_slots(p_.slot_offsets(vs)),
+        scale(scale_) {}
+  const T* key_window(int64_t b, int64_t i, int64_t j, int64_t head) const {
+    return k + ks.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
+  }
+  const T* value_window(int64_t b, int64_t i, int64_t j, int64_t head) const {
+    return v + vs.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
+  }
+};
+
+// Output and logsumexp of query (b, i, j, head); logits and probs: [padded_window] scratch.
+template <typename T, int NV>
+NA2D_NOINLINE void forward_query(const Maps<T>& m, int64_t b, int64_t i, int64_t j, int64_t head,
+                                 const acc_t<T>* bias, acc_t<T>* logits, acc_t<T>* probs, T* out, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  const Problem& p = m.p;
+  HeadVec<A, NV> scaled_q(p.dim), acc(p.dim);
+  Vec partial[Vec::size()];
+  scaled_q.load(m.q + m.qs.at(b, i, j, head), m.scale);
+  const T* key_window = m.key_window(b, i, j, head);
+  for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
+    partial_dots(p, first, scaled_q, key_window, m.key_slots.data(), partial);
+    (sum_lanes(partial) + Vec::loadu(bias + first)).store(logits + first);
+  }
+  const A shift = max_of(logits, p.padded_window);
+  const A total = exp_shifted(logits, shift, probs, p.padded_window);
+  acc.zero();
+  const T* value_window = m.value_window(b, i, j, head);
+  for (int64_t slot = 0; slot < p.window; ++slot) acc.axpy(probs[slot], value_window + m.value_slots[slot]);
+  acc.store(out, A(1) / total);
+  *lse = shift + std::log(total);
+}
+
 template <typename T, int NV>
 void forward_kernel(const Problem& p, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                     const acc_t<T>* rpb, acc_t<T> scale, at::Tensor& out, at::Tensor& lse) {
   using A = acc_t<T>;
-  using Vec = Vectorized<A>;
-  const Strided qs(query), ks(key), vs(value), os(out);
-  const T* q = query.const_data_ptr<T>();
-  const T* k = key.const_data_ptr<T>();
-  const T* v = value.const_data_ptr<T>();
+  const Maps<T> m(p, query, key, value, scale);
+  const Strided os(out);
   T* o = out.mutable_data_ptr<T>();
   A* l = lse.mutable_data_ptr<A>();
-  const std::vector<int64_t> key_slots = p.slot_offsets(ks), value_slots = p.slot_offsets(vs);
   at::parallel_for(0, p.batch * p.height, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> logits(p.padded_window), probs(p.padded_window);
-    HeadVec<A, NV> scaled_q(p.dim), acc(p.dim);
     WindowBias<A> window_bias(p, rpb);
-    Vec partial[Vec::size()];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.height, i = row % p.height;
-      for (const int64_t j : p.cols.order) {
-        for (int64_t head = 0; head < p.heads; ++head) {
-          scaled_q.load(q + qs.at(b, i, j, head), scale);
-          const T* key_window = k + ks.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
-          const A* bias = window_bias.get(head, i, j);
-          for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
-            partial_dots(p, first, scaled_q, key_window, key_slots.data(), partial);
-            (sum_lanes(partial) + Vec::loadu(bias + first)).store(logits.data() + first);
-          }
-          const A shift = max_of(logits.data(), p.padded_window);
-          const A total = exp_shifted(logits.data(), shift, probs.data(), p.padded_window);
-          acc.zero();
-          const T* value_window = v + vs.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
-          for (int64_t slot = 0; slot < p.window; ++slot) acc.axpy(probs[slot], value_window + value_slots[slot]);
-          acc.store(o + os.at(b, i, j, head), A(1) / total);
-          l[p.query_index(b, i, j, head)] = shift + std::log(total);
-        }
-      }
+      for (int64_t j = 0; j < p.width; ++j)
+        for (int64_t head = 0; head < p.heads; ++head)
+          forward_query<T, NV>(m, b, i, j, head, window_bias.get(head, i, j), logits.data(), probs.data(),
+                               o + os.at(b, i, j, head), l + p.query_index(b, i, j, head));
     }
   });
+}
+
+// The backward's tensors beyond Maps: grad_out, the logsumexp, the gradients, the (p, dlogits) pairs.
+template <typename T>
+struct BackwardMaps : Maps<T> {
+  using A = acc_t<T>;
+  const T* g;
+  const A* lse;
+  Strided gs, dqs, dks, dvs;
+  T *dq, *dk, *dv;
+  A* pairs;  // [B, H, W, heads, kh*kw, 2]: (p, dlogits) of every (query, slot)
+  // per inverse entry of each axis, the parts of its pair index and grad_out / query offsets
+  std::vector<int64_t> row_pair, row_g, row_q, col_pair, col_g, col_q;
+  BackwardMaps(const Problem& p_, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+               const at::Tensor& value, const at::Tensor& lse_, A scale_, at::Tensor& dq_, at::Tensor& dk_,
+               at::Tensor& dv_, A* pairs_)
+      : Maps<T>(p_, query, key, value, scale_), g(grad_out.const_data_ptr<T>()), lse(lse_.const_data_ptr<A>()),
+        gs(grad_out), dqs(dq_), dks(dk_), dvs(dv_), dq(dq_.mutable_data_ptr<T>()), dk(dk_.mutable_data_ptr<T>()),
+        dv(dv_.mutable_data_ptr<T>()), pairs(pairs_) {
+    const int64_t pair_row = p_.width * p_.heads * p_.window, pair_col = p_.heads * p_.window;
+    for (size_t a = 0; a < p_.rows.inverse_query.size(); ++a) {
+      const int64_t i = p_.rows.inverse_query[a];
+      row_pair.push_back(2 * (i * pair_row + p_.rows.inverse_slot[a] * p_.kw));
+      row_g.push_back(i * gs.h);
+      row_q.push_back(i * this->qs.h);
+    }
+    for (size_t e = 0; e < p_.cols.inverse_query.size(); ++e) {
+      const int64_t j = p_.cols.inverse_query[e];
+      col_pair.push_back(2 * (j * pair_col + p_.cols.inverse_slot[e]));
+      col_g.push_back(j * gs.w);
+      col_q.push_back(j * this->qs.w);
+    }
+  }
+};
+
+// dq of query (b, i, j, head), its window's dlogits added to bias_grad (if any), and its (p,
+// dlogits) pairs stored. scratch: 3 * padded_window.
+template <typename T, int NV>
+NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i, int64_t j, int64_t head,
+                                  const acc_t<T>* bias, acc_t<T>* bias_grad, acc_t<T>* scratch) {
+  using A = acc_t<T>;
+  using Vec = Vectorized<A>;
+  const Problem& p = m.p;
+  A* probs = scratch;
+  A* grad_dots = scratch + p.padded_window;
+  A* dlogits = scratch + 2 * p.padded_window;
+  HeadVec<A, NV> scaled_q(p.dim), grad(p.dim), dq_acc(p.dim);
+  Vec partial_qk[Vec::size()], partial_gv[Vec::size()];
+  const int64_t query_index = p.query_index(b, i, j, head);
+  scaled_q.load(m.q + m.qs.at(b, i, j, head), m.scale);
+  grad.load(m.g + m.gs.at(b, i, j, head), A(1));
+  const T* key_window = m.key_window(b, i, j, head);
+  const T* value_window = m.value_window(b, i, j, head);
+  const Vec query_lse(m.lse[query_index]);
+  Vec delta_acc(A(0));
+  for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
+    partial_dots(p, first, scaled_q, key_window, m.key_slots.data(), partial_qk);
+    partial_dots(p, first, grad, value_window, m.value_slots.data(), partial_gv);
+    const Vec prob = (sum_lanes(partial_qk) + Vec::loadu(bias + first) - query_lse).exp();  // 0 in the padding
+    const Vec grad_dot = sum_lanes(partial_gv);
+    prob.store(probs + first);
+    grad_dot.store(grad_dots + first);
+    delta_acc = at::vec::fmadd(prob, grad_dot, delta_acc);
+  }
+  const Vec delta(hsum(delta_acc));  // grad . out, from the probabilities in A
+  for (int64_t first = 0; first < p.padded_window; first += Vec::size())
+    (Vec::loadu(probs + first) * (Vec::loadu(grad_dots + first) - delta)).store(dlogits + first);
+  dq_acc.zero();
+  A* pair_out = m.pairs + query_index * p.window * 2;
+  for (int64_t slot = 0; slot < p.window; ++slot) {
+    dq_acc.axpy(dlogits[slot], key_window + m.key_slots[slot]);
+    pair_out[2 * slot] = probs[slot];
+    pair_out[2 * slot + 1] = dlogits[slot];
+  }
+  if (bias_grad) {
+    for (int64_t ti = 0; ti < p.kh; ++ti)
+      for (int64_t tj = 0; tj < p.kw; ++tj) bias_grad[ti * p.bias_w + tj] += dlogits[ti * p.kw + tj];
+  }
+  dq_acc.store(m.dq + m.dqs.at(b, i, j, head), m.scale);
+}
+
+// dk and dv of key (b, r, c, head), gathered over the queries whose windows hold it.
+template <typename T, int NV>
+NA2D_NOINLINE void backward_key(const BackwardMaps<T>& m, int64_t b, int64_t r, int64_t c, int64_t head) {
+  using A = acc_t<T>;
+  const Problem& p = m.p;
+  HeadVec<A, NV> dk_acc(p.dim), dv_acc(p.dim);
+  dk_acc.zero();
+  dv_acc.zero();
+  const A* pair_base = m.pairs + 2 * ((b * p.height * p.width * p.heads + head) * p.window);
+  const T* g_base = m.g + b * m.gs.b + head * m.gs.n;
+  const T* q_base = m.q + b * m.qs.b + head * m.qs.n;
+  const int64_t col_begin = p.cols.inverse_begin[c], col_end = p.cols.inverse_begin[c + 1];
+  for (int64_t a = p.rows.inverse_begin[r]; a < p.rows.inverse_begin[r + 1]; ++a) {
+    const A* pair_row = pair_base + m.row_pair[a];
+    const T* g_row = g_base + m.row_g[a];
+    const T* q_row = q_base + m.row_q[a];
+    for (int64_t e = col_begin; e < col_end; ++e) {
+      const A* pair = pair_row + m.col_pair[e];
+      dv_acc.axpy(pair[0], g_row + m.col_g[e]);
+      dk_acc.axpy(pair[1], q_row + m.col_q[e]);
+    }
+  }
+  dk_acc.store(m.dk + m.dks.at(b, r, c, head), m.scale);
+  dv_acc.store(m.dv + m.dvs.at(b, r, c, head), A(1));
 }
 
 template <typename T, int NV>
@@ -380,18 +516,9 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                      const at::Tensor& value, const at::Tensor& lse, const acc_t<T>* rpb, acc_t<T> scale,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& drpb) {
   using A = acc_t<T>;
-  using Vec = Vectorized<A>;
-  const Strided gs(grad_out), qs(query), ks(key), vs(value), dqs(dq), dks(dk), dvs(dv);
-  const T* g = grad_out.const_data_ptr<T>();
-  const T* q = query.const_data_ptr<T>();
-  const T* k = key.const_data_ptr<T>();
-  const T* v = value.const_data_ptr<T>();
-  const A* l = lse.const_data_ptr<A>();
-  const int64_t pairs = p.batch * p.height * p.width * p.heads * p.window;
-  // (p, dlogits) of every (query, slot), [B, H, W, heads, kh*kw, 2]: the key pass reads both from
-  // one cache line. A tensor, so that allocation tracking (the profiler) sees it.
-  at::Tensor pair_tensor = at::empty({pairs * 2}, lse.options());
-  A* pair_all = pair_tensor.mutable_data_ptr<A>();
+  // a tensor, so that allocation tracking (the profiler) sees it
+  at::Tensor pair_tensor = at::empty({p.batch * p.height * p.width * p.heads * p.window * 2}, lse.options());
+  const BackwardMaps<T> m(p, grad_out, query, key, value, lse, scale, dq, dk, dv, pair_tensor.mutable_data_ptr<A>());
   const bool with_bias_grad = drpb.numel() > 0;
   const int64_t bias_numel = p.heads * p.bias_h * p.bias_w;
   // One drpb partial table per chunk of rows (chunks, not threads, own them: no races however
@@ -400,103 +527,33 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
   const int64_t chunks = std::min<int64_t>(std::max(at::get_num_threads(), 1), rows_total);
   const int64_t rows_per_chunk = (rows_total + chunks - 1) / chunks;
   std::vector<A> bias_partial(with_bias_grad ? chunks * bias_numel : 0, A(0));
-  const std::vector<int64_t> key_slots = p.slot_offsets(ks), value_slots = p.slot_offsets(vs);
 
-  // Query pass: dq, drpb, and the window's (p, dlogits) for the key pass.
+  // Query pass: dq, drpb, and the (p, dlogits) pairs for the key pass.
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<A> probs(p.padded_window), grad_dots(p.padded_window), dlogits(p.padded_window);
-    HeadVec<A, NV> scaled_q(p.dim), grad(p.dim), dq_acc(p.dim);
+    std::vector<A> scratch(3 * p.padded_window);
     WindowBias<A> window_bias(p, rpb);
-    Vec partial_qk[Vec::size()], partial_gv[Vec::size()];
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       A* chunk_bias = with_bias_grad ? bias_partial.data() + chunk * bias_numel : nullptr;
       const int64_t begin = chunk * rows_per_chunk, end = std::min(rows_total, begin + rows_per_chunk);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / p.height, i = row % p.height;
-        for (const int64_t j : p.cols.order) {
+        for (int64_t j = 0; j < p.width; ++j) {
           for (int64_t head = 0; head < p.heads; ++head) {
-            const int64_t query_index = p.query_index(b, i, j, head);
-            scaled_q.load(q + qs.at(b, i, j, head), scale);
-            grad.load(g + gs.at(b, i, j, head), A(1));
-            const T* key_window = k + ks.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
-            const T* value_window = v + vs.at(b, p.rows.first_key[i], p.cols.first_key[j], head);
-            const A* bias = window_bias.get(head, i, j);
-            const Vec query_lse(l[query_index]);
-            Vec delta_acc(A(0));
-            for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
-              partial_dots(p, first, scaled_q, key_window, key_slots.data(), partial_qk);
-              partial_dots(p, first, grad, value_window, value_slots.data(), partial_gv);
-              const Vec prob = (sum_lanes(partial_qk) + Vec::loadu(bias + first) - query_lse).exp();  // 0 in the padding
-              const Vec grad_dot = sum_lanes(partial_gv);
-              prob.store(probs.data() + first);
-              grad_dot.store(grad_dots.data() + first);
-              delta_acc = at::vec::fmadd(prob, grad_dot, delta_acc);
-            }
-            const Vec delta(hsum(delta_acc));  // grad . out, from the probabilities in A
-            for (int64_t first = 0; first < p.padded_window; first += Vec::size())
-              (Vec::loadu(probs.data() + first) * (Vec::loadu(grad_dots.data() + first) - delta))
-                  .store(dlogits.data() + first);
-            dq_acc.zero();
-            A* pair_out = pair_all + query_index * p.window * 2;
-            for (int64_t slot = 0; slot < p.window; ++slot) {
-              dq_acc.axpy(dlogits[slot], key_window + key_slots[slot]);
-              pair_out[2 * slot] = probs[slot];
-              pair_out[2 * slot + 1] = dlogits[slot];
-            }
-            if (chunk_bias) {
-              A* table = chunk_bias + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w + p.cols.first_bias[j];
-              for (int64_t ti = 0; ti < p.kh; ++ti)
-                for (int64_t tj = 0; tj < p.kw; ++tj) table[ti * p.bias_w + tj] += dlogits[ti * p.kw + tj];
-            }
-            dq_acc.store(dq.mutable_data_ptr<T>() + dqs.at(b, i, j, head), scale);
+            A* bias_grad = chunk_bias ? chunk_bias + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w +
+                                            p.cols.first_bias[j] : nullptr;
+            backward_query<T, NV>(m, b, i, j, head, window_bias.get(head, i, j), bias_grad, scratch.data());
           }
         }
       }
     }
   });
 
-  // Key pass: every key gathers from the queries whose windows hold it. Per inverse entry, the
-  // parts of its pair index and of its grad_out / query offsets that depend on the row or column.
-  const int64_t pair_row = p.width * p.heads * p.window, pair_col = p.heads * p.window;
-  std::vector<int64_t> row_pair(p.rows.inverse_query.size()), row_g(row_pair.size()), row_q(row_pair.size());
-  for (size_t a = 0; a < row_pair.size(); ++a) {
-    const int64_t i = p.rows.inverse_query[a];
-    row_pair[a] = i * pair_row + p.rows.inverse_slot[a] * p.kw;
-    row_g[a] = i * gs.h;
-    row_q[a] = i * qs.h;
-  }
-  std::vector<int64_t> col_pair(p.cols.inverse_query.size()), col_g(col_pair.size()), col_q(col_pair.size());
-  for (size_t e = 0; e < col_pair.size(); ++e) {
-    const int64_t j = p.cols.inverse_query[e];
-    col_pair[e] = j * pair_col + p.cols.inverse_slot[e];
-    col_g[e] = j * gs.w;
-    col_q[e] = j * qs.w;
-  }
+  // Key pass: every key gathers from the queries whose windows hold it.
   at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    HeadVec<A, NV> dk_acc(p.dim), dv_acc(p.dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / p.height, r = row % p.height;
-      for (const int64_t c : p.cols.order) {
-        for (int64_t head = 0; head < p.heads; ++head) {
-          dk_acc.zero();
-          dv_acc.zero();
-          const A* pair_base = pair_all + 2 * (b * p.height * pair_row + head * p.window);
-          const T* g_base = g + b * gs.b + head * gs.n;
-          const T* q_base = q + b * qs.b + head * qs.n;
-          for (int64_t a = p.rows.inverse_begin[r]; a < p.rows.inverse_begin[r + 1]; ++a) {
-            const A* pair_row_base = pair_base + 2 * row_pair[a];
-            const T* g_row = g_base + row_g[a];
-            const T* q_row = q_base + row_q[a];
-            for (int64_t e = p.cols.inverse_begin[c]; e < p.cols.inverse_begin[c + 1]; ++e) {
-              const A* pair = pair_row_base + 2 * col_pair[e];
-              dv_acc.axpy(pair[0], g_row + col_g[e]);
-              dk_acc.axpy(pair[1], q_row + col_q[e]);
-            }
-          }
-          dk_acc.store(dk.mutable_data_ptr<T>() + dks.at(b, r, c, head), scale);
-          dv_acc.store(dv.mutable_data_ptr<T>() + dvs.at(b, r, c, head), A(1));
-        }
-      }
+      for (int64_t c = 0; c < p.width; ++c)
+        for (int64_t head = 0; head < p.heads; ++head) backward_key<T, NV>(m, b, r, c, head);
     }
   });
 
