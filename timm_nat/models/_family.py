@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ..pretrained import registry_default_cfgs
+from ..pretrained import downstream_backbone_kwargs, downstream_entry, registry_default_cfgs
 
 __all__ = ['Arch', 'ModelFamily', 'model_families', 'register_family']
 
@@ -58,7 +58,17 @@ _FAMILIES: Dict[str, ModelFamily] = {}
 
 def _entrypoint(family: ModelFamily, arch: str, spec: Arch) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        return family.build(arch, pretrained=pretrained, **dict(spec.args, **kwargs))
+        args = dict(spec.args)
+        entry = downstream_entry(arch, kwargs.get('pretrained_cfg'))
+        if entry is not None:  # a detection / segmentation backbone: its task's architecture arguments
+            args.update(downstream_backbone_kwargs(entry))
+        args.update(kwargs)
+        if args.get('out_norms') and not args.get('features_only'):
+            name = f"{arch}.{entry['tag']}" if entry else arch
+            raise ValueError(
+                f"{name} is a detection/segmentation backbone (per-output norms, no final norm): it has no "
+                f"classifier; create it with features_only=True")
+        return family.build(arch, pretrained=pretrained, **args)
 
     entrypoint.__name__ = entrypoint.__qualname__ = arch
     entrypoint.__module__ = family.module
@@ -69,6 +79,10 @@ def _entrypoint(family: ModelFamily, arch: str, spec: Arch) -> Callable[..., nn.
 def register_family(family: ModelFamily) -> ModelFamily:
     """Register ``family``: one timm entrypoint per architecture, in ``family.module`` (as ``@register_model``
     functions would be), with its registry entries as pretrained cfgs; returns ``family``.
+
+    A tag of a detection / segmentation backbone (``weights/downstream.toml``) builds it with that
+    entry's architecture arguments (see :func:`..pretrained.downstream_backbone_kwargs`), and only
+    with ``features_only=True``.
 
     Raises if an architecture has no registry entry (see :func:`..pretrained.registry_entries`).
     """
