@@ -19,7 +19,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 
 from ..pretrained import downstream_backbone_kwargs, downstream_entry, registry_default_cfgs
 
-__all__ = ['Arch', 'ModelFamily', 'model_families', 'register_family']
+__all__ = ['Arch', 'ModelFamily', 'build_architecture', 'model_families', 'register_family']
 
 StateDict = Dict[str, torch.Tensor]
 Kwargs = Dict[str, Any]
@@ -56,14 +56,22 @@ class ModelFamily:
 _FAMILIES: Dict[str, ModelFamily] = {}
 
 
+def _architecture_args(arch: str, spec: Arch, kwargs: Kwargs) -> Kwargs:
+    """The entrypoint's kwargs: the architecture's, a downstream tag's (its task's architecture
+    arguments), then the caller's."""
+    args = dict(spec.args)
+    entry = downstream_entry(arch, kwargs.get('pretrained_cfg'))
+    if entry is not None:
+        args.update(downstream_backbone_kwargs(entry))
+    args.update(kwargs)
+    return args
+
+
 def _entrypoint(family: ModelFamily, arch: str, spec: Arch) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        args = dict(spec.args)
-        entry = downstream_entry(arch, kwargs.get('pretrained_cfg'))
-        if entry is not None:  # a detection / segmentation backbone: its task's architecture arguments
-            args.update(downstream_backbone_kwargs(entry))
-        args.update(kwargs)
+        args = _architecture_args(arch, spec, kwargs)
         if args.get('out_norms') and not args.get('features_only'):
+            entry = downstream_entry(arch, kwargs.get('pretrained_cfg'))
             name = f"{arch}.{entry['tag']}" if entry else arch
             raise ValueError(
                 f"{name} is a detection/segmentation backbone (per-output norms, no final norm): it has no "
@@ -94,6 +102,22 @@ def register_family(family: ModelFamily) -> ModelFamily:
         register_model(entrypoint)
     _FAMILIES[family.name] = family
     return family
+
+
+def build_architecture(name: str, **kwargs) -> nn.Module:
+    """Build ``name`` (``arch`` or ``arch.tag``) as its timm entrypoint would, but also a detection
+    backbone as the bare model (no ``features_only`` wrapper), for tools that check or convert the
+    weights themselves (the converter): ``forward_intermediates`` gives its normed stage outputs."""
+    arch, _, tag = name.partition('.')
+    family = next((f for f in _FAMILIES.values() if arch in f.architectures), None)
+    if family is None:
+        raise ValueError(f"unknown timm-nat architecture {arch!r}")
+    if tag:
+        kwargs.setdefault('pretrained_cfg', tag)
+    model = family.build(arch, **_architecture_args(arch, family.architectures[arch], kwargs))
+    # as timm.create_model: the caller's arguments, which timm's save_for_hf writes to config.json
+    model._model_args = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype', 'pretrained_cfg')}
+    return model
 
 
 def model_families() -> Mapping[str, ModelFamily]:

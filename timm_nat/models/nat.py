@@ -512,7 +512,7 @@ def _create_nat(variant: str, pretrained: bool = False, filter_fn=checkpoint_fil
 
 # hyper-parameters a config.json / --model-args may set, shared by the hierarchical families
 HIERARCHICAL_MODEL_KWARGS = frozenset({'embed_dim', 'num_heads', 'kernel_size', 'mlp_ratio', 'qkv_bias', 'depths',
-                                       'dilations'})
+                                       'dilations', 'out_norms'})
 
 
 def hierarchical_kwargs(state_dict: Dict[str, torch.Tensor], stem_ok: Callable[[Dict], bool]) -> Optional[Dict]:
@@ -537,6 +537,8 @@ def hierarchical_kwargs(state_dict: Dict[str, torch.Tensor], stem_ok: Callable[[
     )
     if first_of_blocks(stages[0], 'ls1.gamma') is not None:
         kwargs['ls_init_value'] = 1e-5  # the published init; loaded weights replace it
+    if 'out_norms.0.weight' in state_dict:  # a detection / segmentation backbone
+        kwargs['out_norms'] = True
     return kwargs
 
 
