@@ -216,3 +216,22 @@ def test_golden_cases_name_registry_entries():
         entry = names[meta["model"]]
         assert entry["layout"] == meta["layout"]
         assert downstream_backbone_kwargs(entry)["kernel_size"] == meta["arch"]["kernel_size"]
+
+
+def test_models_doc_table_lists_every_entry_with_its_metrics():
+    """docs/models.md's generated table: one row per entry, in registry order, with its published metrics."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("registry_table", GOLDEN_DIR.parents[1] / "tools" / "registry_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    doc = (GOLDEN_DIR.parents[1] / "docs" / "models.md").read_text()
+    start, end = tool.DOWNSTREAM_MARKERS
+    assert doc[doc.index(start) + len(start):doc.index(end)].strip("\n") + "\n" == tool.downstream_table_markdown()
+    rows = tool.downstream_table_markdown().splitlines()[2:]
+    assert len(rows) == len(ENTRIES)
+    for row, entry in zip(rows, ENTRIES):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == f"`{registry_entry_name(entry)}`" and entry["layout"] in cells[1]
+        metrics = [(k, entry[k]) for k in ("box_map", "mask_map", "pq", "ap", "miou", "miou_ms") if k in entry]
+        assert metrics and all(f"{v:g}" in cells[3] for _, v in metrics)
+        assert cells[-1] == f"{entry['backbone_params']:,}"
