@@ -70,9 +70,9 @@ def _architecture_args(arch: str, spec: Arch, kwargs: Kwargs) -> Kwargs:
 def _entrypoint(family: ModelFamily, arch: str, spec: Arch) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         args = _architecture_args(arch, spec, kwargs)
-        if args.get('out_norms') and not args.get('features_only'):
-            entry = downstream_entry(arch, kwargs.get('pretrained_cfg'))
-            name = f"{arch}.{entry['tag']}" if entry else arch
+        if args.get('out_norms') and not args.get('features_only'):  # a backbone only
+            tag = (downstream_entry(arch, kwargs.get('pretrained_cfg')) or {}).get('tag')
+            name = f"{arch}.{tag}" if tag else arch
             raise ValueError(
                 f"{name} is a detection/segmentation backbone (per-output norms, no final norm): it has no "
                 f"classifier; create it with features_only=True")
