@@ -17,8 +17,9 @@ import timm
 import torch
 
 from ..models import ModelFamily, model_families
+from ..models._family import build_architecture
 from ..models._helpers import state_dict_problems
-from ..pretrained import registry_entry_name
+from ..pretrained import downstream_backbone_kwargs, registry_entry_name
 from .errors import ConversionError, one_line
 
 __all__ = ['Architecture', 'FAMILIES', 'Family', 'family_of', 'infer_architecture', 'timm_nat_architectures']
@@ -105,7 +106,7 @@ class Architecture:
 
 @functools.lru_cache(maxsize=256)
 def _meta_model_cached(arch: str, kwargs_json: str) -> torch.nn.Module:
-    return timm.create_model(arch, device='meta', **json.loads(kwargs_json))
+    return build_architecture(arch, device='meta', **json.loads(kwargs_json))
 
 
 def _meta_model(arch: str, **kwargs) -> torch.nn.Module:
@@ -199,8 +200,10 @@ def infer_architecture(
     if model:
         model_args = checked_model_args(model, model_args, '--model-args')
         return _requested_architecture(state_dict, model, model_args, config, entry)
-    if entry:
-        return _requested_architecture(state_dict, entry['model'], {}, None, entry)
+    if entry:  # a detection / segmentation backbone: its task's kernel, dilations, per-output norms
+        args = {k: v for k, v in downstream_backbone_kwargs(entry).items() if v is not None and k != 'num_classes'} \
+            if 'task' in entry else {}
+        return _requested_architecture(state_dict, entry['model'], args, None, entry)
     if config:
         return _architecture_from_config(state_dict, config)
     return _architecture_from_shapes(state_dict)

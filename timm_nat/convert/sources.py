@@ -21,7 +21,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, 
 from timm.models import load_state_dict
 
 from .._offline import host_unreachable_reason, hub_host, hub_offline_mode, url_cache_path
-from ..pretrained import load_registry
+from ..pretrained import load_downstream_registry, load_registry
 from .errors import ConversionError, DownloadError, log, one_line
 
 __all__ = ['Downloader', 'Source', 'file_sha256', 'read_state_dict', 'resolve_source']
@@ -151,8 +151,9 @@ class Downloader:
 
 
 def registry_entry(match: Callable[[Dict[str, Any]], bool]) -> Optional[Dict[str, Any]]:
-    """A copy of the first registry entry that ``match`` accepts, or None."""
-    return next((dict(e) for e in load_registry() if match(e)), None)
+    """A copy of the first registry entry (classification, then detection / segmentation backbones)
+    that ``match`` accepts, or None."""
+    return next((dict(e) for e in load_registry() + load_downstream_registry() if match(e)), None)
 
 
 def url_basename(url: str) -> str:

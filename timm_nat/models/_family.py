@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from timm.models._registry import generate_default_cfgs, register_model
 
-from ..pretrained import registry_default_cfgs
+from ..pretrained import downstream_backbone_kwargs, downstream_entry, registry_default_cfgs
 
-__all__ = ['Arch', 'ModelFamily', 'model_families', 'register_family']
+__all__ = ['Arch', 'ModelFamily', 'build_architecture', 'model_families', 'register_family']
 
 StateDict = Dict[str, torch.Tensor]
 Kwargs = Dict[str, Any]
@@ -56,9 +56,27 @@ class ModelFamily:
 _FAMILIES: Dict[str, ModelFamily] = {}
 
 
+def _architecture_args(arch: str, spec: Arch, kwargs: Kwargs) -> Kwargs:
+    """The entrypoint's kwargs: the architecture's, a downstream tag's (its task's architecture
+    arguments), then the caller's."""
+    args = dict(spec.args)
+    entry = downstream_entry(arch, kwargs.get('pretrained_cfg'))
+    if entry is not None:
+        args.update(downstream_backbone_kwargs(entry))
+    args.update(kwargs)
+    return args
+
+
 def _entrypoint(family: ModelFamily, arch: str, spec: Arch) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
-        return family.build(arch, pretrained=pretrained, **dict(spec.args, **kwargs))
+        args = _architecture_args(arch, spec, kwargs)
+        if args.get('out_norms') and not args.get('features_only'):  # a backbone only
+            tag = (downstream_entry(arch, kwargs.get('pretrained_cfg')) or {}).get('tag')
+            name = f"{arch}.{tag}" if tag else arch
+            raise ValueError(
+                f"{name} is a detection/segmentation backbone (per-output norms, no final norm): it has no "
+                f"classifier; create it with features_only=True")
+        return family.build(arch, pretrained=pretrained, **args)
 
     entrypoint.__name__ = entrypoint.__qualname__ = arch
     entrypoint.__module__ = family.module
@@ -70,6 +88,10 @@ def register_family(family: ModelFamily) -> ModelFamily:
     """Register ``family``: one timm entrypoint per architecture, in ``family.module`` (as ``@register_model``
     functions would be), with its registry entries as pretrained cfgs; returns ``family``.
 
+    A tag of a detection / segmentation backbone (``weights/downstream.toml``) builds it with that
+    entry's architecture arguments (see :func:`..pretrained.downstream_backbone_kwargs`), and only
+    with ``features_only=True``.
+
     Raises if an architecture has no registry entry (see :func:`..pretrained.registry_entries`).
     """
     module = sys.modules[family.module]
@@ -80,6 +102,22 @@ def register_family(family: ModelFamily) -> ModelFamily:
         register_model(entrypoint)
     _FAMILIES[family.name] = family
     return family
+
+
+def build_architecture(name: str, **kwargs) -> nn.Module:
+    """Build ``name`` (``arch`` or ``arch.tag``) as its timm entrypoint would, but also a detection
+    backbone as the bare model (no ``features_only`` wrapper), for tools that check or convert the
+    weights themselves (the converter): ``forward_intermediates`` gives its normed stage outputs."""
+    arch, _, tag = name.partition('.')
+    family = next((f for f in _FAMILIES.values() if arch in f.architectures), None)
+    if family is None:
+        raise ValueError(f"unknown timm-nat architecture {arch!r}")
+    if tag:
+        kwargs.setdefault('pretrained_cfg', tag)
+    model = family.build(arch, **_architecture_args(arch, family.architectures[arch], kwargs))
+    # as timm.create_model: the caller's arguments, which timm's save_for_hf writes to config.json
+    model._model_args = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype', 'pretrained_cfg')}
+    return model
 
 
 def model_families() -> Mapping[str, ModelFamily]:

@@ -1,7 +1,9 @@
 """Helpers shared by the model families: their pretrained cfg, building with a helpful download
 error, and the checkpoint plumbing every family's ``checkpoint_filter_fn`` uses (unwrapping,
 renames shared by the published layouts, input-channel adaptation, the strict key/shape check)."""
+import logging
 import re
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -20,8 +22,10 @@ from ..pretrained import weights_unavailable_error
 __all__ = [
     'family_cfg', 'build_model_or_explain', 'unwrap_state_dict', 'downsample_to_next_stage',
     'original_head_key', 'adapt_input_conv_weight', 'state_dict_problems', 'check_state_dict_fits', 'init_weights',
-    'blocks_by_index', 'first_of_blocks',
+    'blocks_by_index', 'first_of_blocks', 'split_backbone', 'backbone_of_checkpoint', 'out_norm_key',
 ]
+
+_logger = logging.getLogger(__name__)
 
 _CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
 _ORIGIN_URL = 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer'
@@ -118,6 +122,45 @@ def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
     return checkpoint
+
+
+# where whole detection / segmentation checkpoints keep their backbone: mmdet, mmseg and detectron2
+# (``backbone.``), transformers OneFormer (its DinatBackbone)
+BACKBONE_PREFIXES = ('backbone.', 'model.pixel_level_module.encoder.')
+
+
+def split_backbone(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """(backbone keys without their prefix, every other key) of a whole detector / segmenter state
+    dict (see ``BACKBONE_PREFIXES``); ``(state_dict, [])`` for a state dict without such a prefix."""
+    for prefix in BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            backbone = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            return backbone, [k for k in state_dict if not k.startswith(prefix)]
+    return state_dict, []
+
+
+def backbone_of_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The backbone part of a (possibly wrapped) checkpoint, logging one warning that counts the
+    keys left out as not part of the backbone (by their first name, e.g. ``neck: 8, roi_head: 24``)."""
+    backbone, others = split_backbone(unwrap_state_dict(state_dict))
+    if others:
+        groups = Counter(k.split('.', 1)[0] if not k.startswith('model.') else '.'.join(k.split('.', 2)[:2])
+                         for k in others)
+        _logger.warning(
+            "loaded the backbone (%d tensors) of a whole detection/segmentation checkpoint; %d keys are not "
+            "part of the backbone and were left out (%s)", len(backbone), len(others),
+            ", ".join(f"{name}: {n}" for name, n in groups.items()))
+    return backbone
+
+
+def out_norm_key(key: str) -> Optional[str]:
+    """A detection backbone's per-output norm (original ``norm{i}.``, transformers
+    ``hidden_states_norms.stage{i+1}.``) as timm's ``out_norms.{i}.``; None for other keys."""
+    if m := re.match(r'norm(\d+)\.(.+)$', key):
+        return f'out_norms.{m[1]}.{m[2]}'
+    if m := re.match(r'hidden_states_norms\.stage(\d+)\.(.+)$', key):
+        return f'out_norms.{int(m[1]) - 1}.{m[2]}'
+    return None
 
 
 def downsample_to_next_stage(key: str, level_prefix: str) -> Optional[str]:

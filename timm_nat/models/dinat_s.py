@@ -24,8 +24,8 @@ from timm.models.swin_transformer import PatchMerging
 
 from ._family import Arch, ModelFamily, register_family
 from ._helpers import (
-    adapt_input_conv_weight, check_state_dict_fits, downsample_to_next_stage, family_cfg, original_head_key,
-    unwrap_state_dict,
+    adapt_input_conv_weight, backbone_of_checkpoint, check_state_dict_fits, downsample_to_next_stage, family_cfg,
+    original_head_key, out_norm_key, split_backbone, unwrap_state_dict,
 )
 from .nat import (
     DILATIONS_224, DILATIONS_384, HIERARCHICAL_MODEL_KWARGS, Nat, _create_nat, dilations_hint, dinat_dilations,
@@ -69,7 +69,7 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
         if m := re.match(r'layers\.(\d+)\.blocks\.(.+)$', k):
             k = f'stages.{m[1]}.blocks.{m[2]}'
         else:
-            k = downsample_to_next_stage(k, 'layers.') or original_head_key(k)
+            k = downsample_to_next_stage(k, 'layers.') or out_norm_key(k) or original_head_key(k)
         out[k] = v
     return out
 
@@ -79,9 +79,10 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
     Accepts the original repository's ``.pth`` layout (``layers.i.blocks.j``,
     ``layers.i.downsample``, ``head``), optionally wrapped in ``{'model': ...}`` /
-    ``{'state_dict': ...}``, or timm's own layout (returned as is).
+    ``{'state_dict': ...}``, or timm's own layout (returned as is). Of a whole mmdet / mmseg
+    checkpoint only the backbone is taken, its per-output norms as ``out_norms.i``.
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict, _ = split_backbone(unwrap_state_dict(state_dict))
     if any(k.startswith('layers.') for k in state_dict):
         return _from_original(state_dict)
     return dict(state_dict)
@@ -91,9 +92,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """:func:`remap_checkpoint`, the patch embedding adapted to the model's ``in_chans``, then a strict check.
 
     Raises listing every unexpected, missing or wrongly shaped key (the classifier is left to
-    timm's loader, which drops or keeps it by ``num_classes``).
+    timm's loader, which drops or keeps it by ``num_classes``). Of a whole detection / segmentation
+    checkpoint only the backbone is used; the rest is counted in a warning.
     """
-    state_dict = adapt_input_conv_weight(remap_checkpoint(state_dict), model, _FIRST_CONV)
+    state_dict = adapt_input_conv_weight(remap_checkpoint(backbone_of_checkpoint(state_dict)), model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 

@@ -27,8 +27,9 @@ from .._timm_compat import get_device_dtype, reset_classifier_head
 from ..layers import NeighborhoodAttentionBlock
 from ._family import Arch, ModelFamily, register_family
 from ._helpers import (
-    adapt_input_conv_weight, blocks_by_index, build_model_or_explain, check_state_dict_fits, downsample_to_next_stage,
-    family_cfg, first_of_blocks, init_weights, original_head_key, unwrap_state_dict,
+    adapt_input_conv_weight, backbone_of_checkpoint, blocks_by_index, build_model_or_explain, check_state_dict_fits,
+    downsample_to_next_stage, family_cfg, first_of_blocks, init_weights, original_head_key, out_norm_key,
+    split_backbone, unwrap_state_dict,
 )
 
 __all__ = ['Nat', 'checkpoint_filter_fn', 'remap_checkpoint']  # and the entrypoints; FAMILY is the declaration
@@ -167,6 +168,7 @@ class Nat(nn.Module):
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             stem_layer: Callable[..., nn.Module] = ConvStem,
             downsample_layer: Callable[..., nn.Module] = ConvDownsample,
+            out_norms: bool = False,
             device=None,
             dtype=None,
     ):
@@ -192,6 +194,10 @@ class Nat(nn.Module):
                 (NAT's two 3x3 convs; DiNAT_s passes Swin's 4x4 patch embedding).
             downsample_layer: Stride-2 downsampler between stages, ``(dim, out_dim, norm_layer=)``, NHWC
                 (NAT's 3x3 conv; DiNAT_s passes Swin's patch merging).
+            out_norms: One norm per stage output (``out_norms.i``) instead of the final norm, as the
+                published detection / segmentation backbones (their ``norm{i}``): stage outputs
+                (``forward_intermediates``, ``features_only``) go through them; the next stage
+                takes the map before it.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -234,7 +240,8 @@ class Nat(nn.Module):
             in_dim = dims[i]
             self.feature_info += [dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}')]
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features, **dd)
+        self.out_norms = nn.ModuleList([norm_layer(d, **dd) for d in dims]) if out_norms else None
+        self.norm = nn.Identity() if out_norms else norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
             self.num_features,
             num_classes,
@@ -259,6 +266,7 @@ class Nat(nn.Module):
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
                 (r'^norm', (99999,)),
+                (r'^out_norms\.(\d+)', (99999,)),
             ]
         )
 
@@ -296,7 +304,8 @@ class Nat(nn.Module):
         Args:
             x: Input image tensor.
             indices: Take last n stages if int, all if None, select matching indices if sequence.
-            norm: Apply the final norm to the last stage's intermediate.
+            norm: Apply the final norm to the last stage's intermediate (the per-output norms of
+                an ``out_norms`` model always apply).
             stop_early: Stop after the last stage needed.
             output_fmt: 'NCHW' or 'NHWC' for the intermediates.
             intermediates_only: Only return the intermediates.
@@ -316,8 +325,9 @@ class Nat(nn.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
+                x_inter = self.out_norms[i](x) if self.out_norms is not None else x
                 # final norm is sized for (and only applied to) the last stage
-                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
+                x_inter = self.norm(x_inter) if norm and i == num_stages - 1 else x_inter
                 if output_fmt == 'NCHW':
                     x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
                 intermediates.append(x_inter)
@@ -339,6 +349,9 @@ class Nat(nn.Module):
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         self.stages = self.stages[:max_index + 1]
+        if self.out_norms is not None:  # the taken outputs keep their norms
+            self.out_norms = nn.ModuleList([
+                norm if i in take_indices else nn.Identity() for i, norm in enumerate(self.out_norms[:max_index + 1])])
         if prune_end:
             # features now end at the last kept stage; the head was sized for the final features
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
@@ -430,7 +443,8 @@ def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
             else:
                 out[block + _rename_prefix(rest, _TRANSFORMERS_BLOCK_RENAMES)] = v
         else:
-            out[downsample_to_next_stage(k, 'encoder.levels.') or _rename_prefix(k, _TRANSFORMERS_RENAMES)] = v
+            out[downsample_to_next_stage(k, 'encoder.levels.') or out_norm_key(k)
+                or _rename_prefix(k, _TRANSFORMERS_RENAMES)] = v
     for name, parts in qkv_parts.items():
         if set(parts) != {'query', 'key', 'value'}:
             raise RuntimeError(f"incomplete query/key/value for {name}: only {sorted(parts)} in the checkpoint")
@@ -445,7 +459,7 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
         if m := re.match(r'levels\.(\d+)\.blocks\.(\d+)\.(.+)$', k):
             k = f'stages.{m[1]}.blocks.{m[2]}.' + _rename_prefix(m[3], _ORIGINAL_BLOCK_RENAMES)
         else:
-            k = downsample_to_next_stage(k, 'levels.') or original_head_key(k)
+            k = downsample_to_next_stage(k, 'levels.') or out_norm_key(k) or original_head_key(k)
         out[k] = v
     return out
 
@@ -457,9 +471,10 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     query/key/value, ``layer_scale_parameters`` [2, dim], ``classifier``), the original
     repository's ``.pth`` layout (``levels.i.blocks.j``, ``gamma1``/``gamma2``, ``head``),
     optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout
-    (returned as is).
+    (returned as is). Of a whole detection / segmentation checkpoint (mmdet, mmseg, detectron2,
+    transformers OneFormer) only the backbone is taken, its per-output norms as ``out_norms.i``.
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict, _ = split_backbone(unwrap_state_dict(state_dict))
     fmt = _checkpoint_format(state_dict)
     if fmt == 'transformers':
         return _from_transformers(state_dict)
@@ -472,9 +487,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """:func:`remap_checkpoint`, the stem adapted to the model's ``in_chans``, then a strict check.
 
     Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
-    see :func:`._helpers.check_state_dict_fits`).
+    see :func:`._helpers.check_state_dict_fits`). Of a whole detection / segmentation checkpoint
+    only the backbone is used; the rest is counted in a warning.
     """
-    state_dict = adapt_input_conv_weight(remap_checkpoint(state_dict), model, _FIRST_CONV)
+    state_dict = adapt_input_conv_weight(remap_checkpoint(backbone_of_checkpoint(state_dict)), model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
@@ -496,7 +512,7 @@ def _create_nat(variant: str, pretrained: bool = False, filter_fn=checkpoint_fil
 
 # hyper-parameters a config.json / --model-args may set, shared by the hierarchical families
 HIERARCHICAL_MODEL_KWARGS = frozenset({'embed_dim', 'num_heads', 'kernel_size', 'mlp_ratio', 'qkv_bias', 'depths',
-                                       'dilations'})
+                                       'dilations', 'out_norms'})
 
 
 def hierarchical_kwargs(state_dict: Dict[str, torch.Tensor], stem_ok: Callable[[Dict], bool]) -> Optional[Dict]:
@@ -521,6 +537,8 @@ def hierarchical_kwargs(state_dict: Dict[str, torch.Tensor], stem_ok: Callable[[
     )
     if first_of_blocks(stages[0], 'ls1.gamma') is not None:
         kwargs['ls_init_value'] = 1e-5  # the published init; loaded weights replace it
+    if 'out_norms.0.weight' in state_dict:  # a detection / segmentation backbone
+        kwargs['out_norms'] = True
     return kwargs
 
 
