@@ -1,7 +1,6 @@
 """timm_nat.compat: the legacy NATTEN API against the golden legacy outputs, the legacy module,
 install(), and attention maps of the timm models."""
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -12,35 +11,22 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import timm_nat  # noqa: F401  (registers the models)
+import timm_nat.compat
 from timm_nat.attention import neighborhood_1d
 from benchmarks.common import peak_tensor_bytes
+from timm_nat.attention_maps import attention_maps, record_attention_maps
 from timm_nat.compat import (
-    NeighborhoodAttention2D, attention_maps, na2d_av, na2d_qk, natten1dav, natten1dqk, natten1dqkrpb, natten2dav,
-    natten2dqk, natten2dqkrpb, record_attention_maps)
+    NeighborhoodAttention2D, na2d_av, na2d_qk, natten1dav, natten1dqk, natten1dqkrpb, natten2dav, natten2dqk,
+    natten2dqkrpb)
 from timm_nat.layers import NeighborhoodAttention2d, NeighborhoodAttentionBlock
 from timm_nat.models.isotropic import RelPosGlobalAttention
 
+from conftest import assert_close as _assert_close
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _assert_close(name, ours, expected, tol=1e-5):
-    """max|ours - expected| <= tol * max(1, max|expected|), as in test_attention."""
-    assert ours.shape == expected.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
-    bound = tol * max(1.0, expected.abs().max().item())
-    err = (ours - expected).abs().max().item()
-    assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
-
-
-@pytest.fixture(scope="module")
-def golden_cases(golden):
-    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
-        cases = json.loads(f.metadata()["cases"])
-        return [(case, {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(f"case{case['case']}.")})
-                for case in cases]
 
 
 def _window(case):
@@ -134,6 +120,45 @@ def test_1d_ops_match_independent_gather():
     torch.testing.assert_close(natten1dqk(q, k, 5, 3), expected - rpb[:, bias_index], rtol=1e-5, atol=1e-5)
     attn = logits.softmax(-1)
     _assert_close("1d out", natten1dav(attn, v, 5, 3), torch.einsum("bnlk,bnlkd->bnld", attn, v[:, :, keys]))
+
+
+@pytest.mark.parametrize("where, planted", [("v", float("nan")), ("v", float("inf")), ("k", float("nan"))])
+def test_one_nonfinite_input_reaches_only_its_windows(where, planted):
+    """Issue 20 #2: one NaN/Inf in v (or k) reaches only the outputs (and dq entries) whose windows
+    hold it, as legacy NATTEN computed them (an Inf in v gives Inf there, no NaN), not whole tiles."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {name: torch.randn(1, 2, 16, 13, 4, generator=gen, dtype=torch.float64) for name in "qkv"}
+    tensors[where][0, 1, 7, 6, 2] = planted
+    q, k, v = (tensors[name].requires_grad_() for name in "qkv")
+    rpb = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
+    out = natten2dav(natten2dqkrpb(q, k, rpb, 3, (1, 2)).softmax(-1), v, 3, (1, 2))
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    # independent: the window of every query, gathered explicitly
+    rows, row_bias = neighborhood_1d(16, 3, 1)
+    cols, col_bias = neighborhood_1d(13, 3, 2)
+    window_k = k[:, :, rows[:, None, :, None], cols[None, :, None, :]].flatten(4, 5)    # [1, 2, 16, 13, 9, 4]
+    window_v = v[:, :, rows[:, None, :, None], cols[None, :, None, :]].flatten(4, 5)
+    bias = rpb[:, row_bias[:, None, :, None], col_bias[None, :, None, :]].flatten(3, 4)  # [2, 16, 13, 9]
+    attn = (torch.einsum("bnhwd,bnhwkd->bnhwk", q, window_k) + bias).softmax(-1)
+    expected = torch.einsum("bnhwk,bnhwkd->bnhwd", attn, window_v)
+    (expected_dq,) = torch.autograd.grad(expected.sum(), q)
+    assert 0 < (~expected.isfinite()).sum() < expected.numel() / 4  # a few windows, not the map
+    for ours, theirs in ((out, expected), (dq, expected_dq)):
+        assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+@pytest.mark.parametrize("batch, heads", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads(batch, heads):
+    """An empty batch (or no heads) gives empty logits and outputs and zero gradients, as ``na2d``
+    does (the legacy ops used to fail reshaping an empty tensor with a -1 dimension)."""
+    q, k, v = (torch.randn(batch, heads, 6, 7, 4, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(heads, 5, 5, requires_grad=True)
+    logits = natten2dqkrpb(q, k, rpb, 3, 1)
+    out = natten2dav(logits.softmax(-1), v, 3, 1)
+    assert logits.shape == (batch, heads, 6, 7, 9) and out.shape == q.shape
+    for grad, tensor in zip(torch.autograd.grad(out.sum(), (q, k, v, rpb)), (q, k, v, rpb)):
+        assert grad.shape == tensor.shape and not grad.any()
 
 
 def test_unfused_ops_do_not_gather_kernel_squared_copies():
@@ -486,6 +511,15 @@ def test_attention_maps_match_independent_softmax(family):
             expected, module_out = independent(module, inputs[name])
         _assert_close(f"{name} weights", weights, expected)
         _assert_close(f"{name} output from weights", module_out, outputs[name])
+
+
+def test_attention_maps_live_next_to_the_layers_and_compat_re_exports_them():
+    """``timm_nat.attention_maps`` is their home; ``timm_nat.compat`` (their old place, which the
+    README named) re-exports the same functions."""
+    import timm_nat.attention_maps as maps
+    for name in ("attention_maps", "record_attention_maps", "neighborhood_weights", "global_weights"):
+        assert getattr(timm_nat.compat, name) is getattr(maps, name)
+        assert getattr(maps, name).__module__ == "timm_nat.attention_maps"
 
 
 def test_record_attention_maps_any_forward_and_logits():

@@ -10,6 +10,8 @@ import torch
 from timm_nat.attention import backends, na2d, select_backend, use_backend
 from timm_nat.attention.reference import na2d_reference
 
+from conftest import tiny_kwargs
+
 
 def _record_runs(monkeypatch):
     """Wrap every backend's ``run`` to log ``(thread, backend)``."""
@@ -78,8 +80,7 @@ def test_asyncio_tasks_keep_their_own_use_backend_blocks():
 
 def _tiny_model():
     torch.manual_seed(0)
-    return timm.create_model("dinat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
-                             kernel_size=3, dilations=((2,), (1,), (1,), (1,)), num_classes=5)
+    return timm.create_model("dinat_mini", num_classes=5, **tiny_kwargs("dinat_mini", kernel_size=3))
 
 
 def _train(model, batches):

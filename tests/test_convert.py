@@ -134,6 +134,7 @@ def test_converted_golden_checkpoint_reproduces_golden_logits(golden, tmp_path, 
     assert max(diffs.values()) <= ATOL, f"{case}: {diffs} > {ATOL}"
 
 
+@pytest.mark.timeout(400)  # its subprocess has 300 s
 def test_command_line_converts_and_exits_zero(golden, tmp_path):
     out = tmp_path / "converted"
     run = subprocess.run(
@@ -393,6 +394,7 @@ def test_all_flags_a_parameter_count_that_disagrees_with_the_registry(tmp_path, 
     assert "params NO 19.98M != 40M published" in out and "FAILED" in out and "1 wrong" in out
 
 
+@pytest.mark.slow
 def test_all_converts_downloaded_entries_and_exits_zero(golden, tmp_path, capsys, offline_caches):
     hub_cache, _ = offline_caches
     entry = next(e for e in load_registry() if registry_entry_name(e) == "dinat_mini.in1k")
@@ -426,3 +428,63 @@ def test_all_refuses_existing_outputs_without_force(tmp_path, capsys, offline_ca
 def test_all_only_must_match_something(tmp_path, capsys):
     err = _fail(["--all", "--output-dir", tmp_path / "out", "--only", "no_such_model*"], capsys)
     assert "matches no registry entry" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection / segmentation backbones (weights/downstream.toml)
+# ----------------------------------------------------------------------------------------------
+
+def test_all_offline_checks_downstream_backbones(tmp_path, capsys, offline_caches):
+    """Not downloadable: built with the entry's arguments, the exact computed backbone parameter count,
+    and the four normed stage maps of a forward at the reduced (padding) size."""
+    status = main(["--all", "--output-dir", str(tmp_path / "out"), "--only", "dinat_tiny.maskrcnn_coco",
+                   "dinat_s_tiny.upernet_ade20k"])
+    out = capsys.readouterr().out
+    assert status == 3, out
+    assert "params yes 27,389,478 == 27,389,478 backbone (computed)" in out
+    assert "params yes 27,520,698 == 27,520,698 backbone (computed)" in out
+    assert ("forward 1x3x192x256 (reduced from the task's 3x800x1344) -> (1, 64, 48, 64), (1, 128, 24, 32), "
+            "(1, 256, 12, 16), (1, 512, 6, 8) ok") in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [e["checks"]["num_params"] for e in report["entries"]] == [27389478, 27520698]
+
+
+def test_all_flags_a_backbone_parameter_count_that_disagrees(tmp_path, capsys, offline_caches, monkeypatch):
+    from timm_nat.pretrained import load_downstream_registry
+    wrong = [dict(e, backbone_params=e["backbone_params"] + 1) for e in load_downstream_registry()]
+    monkeypatch.setattr(timm_nat.convert.batch, "load_downstream_registry", lambda: tuple(wrong))
+    assert main(["--all", "--output-dir", str(tmp_path / "out"), "--only", "nat_mini.maskrcnn_coco"]) == 1
+    assert "params NO 19,472,070 != 19,472,071 backbone (computed)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mmdet_dinat_tiny_maskrcnn_coco", "transformers_dinat_large_oneformer_cityscapes"])
+def test_all_converts_a_published_detector_file_into_a_backbone_folder(case, tmp_path, capsys, offline_caches):
+    """The whole detector file (real layout and size, from its published URL / Hub repo cache) becomes a
+    folder whose local-dir backbone equals the file loaded directly."""
+    from test_downstream import _golden_case, _whole_checkpoint
+    from timm_nat.pretrained import load_downstream_registry
+
+    hub_cache, torch_checkpoints = offline_caches
+    meta, _ = _golden_case(case)
+    entry = next(e for e in load_downstream_registry() if registry_entry_name(e) == meta["model"])
+    if "hf_hub_id" in entry:
+        path = _hub_snapshot(hub_cache, entry["hf_hub_id"]) / entry["hf_hub_filename"]
+    else:
+        torch_checkpoints.mkdir(parents=True)
+        path = torch_checkpoints / entry["url"].rsplit("/", 1)[1]
+    torch.save(_whole_checkpoint(meta), path)
+    out = tmp_path / "out"
+    assert main(["--all", "--output-dir", str(out), "--only", meta["model"]]) == 0
+    log = capsys.readouterr().out
+    assert f"0 classes (registry entry {meta['model']})" in log and "max abs diff 0.0" in log
+    config = json.loads((out / meta["model"] / "config.json").read_text())
+    assert config["model_args"]["out_norms"] is True and config["model_args"]["kernel_size"] == entry["kernel_size"]
+    with pytest.raises(ValueError, match="no classifier"):
+        timm.create_model(f"local-dir:{out / meta['model']}", pretrained=True)
+    converted = timm.create_model(f"local-dir:{out / meta['model']}", pretrained=True, features_only=True).eval()
+    source = timm.create_model(meta["model"], pretrained=True, features_only=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    inputs = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert [max_abs_diff(c, s) for c, s in zip(converted(inputs), source(inputs), strict=True)] == [0.0] * 4

@@ -2,8 +2,12 @@
 offline; model cards claim published numbers only for the published file.
 """
 import json
+import os
 import shlex
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import huggingface_hub.constants
 import huggingface_hub.errors
@@ -15,6 +19,7 @@ import timm_nat.convert.batch as batch
 import timm_nat.convert.sources as sources
 from timm_nat.convert import DownloadError, Downloader, Source, main
 from timm_nat.convert.card import provenance
+from timm_nat.convert.cli import _parser
 from timm_nat.pretrained import load_registry, registry_entry_name
 
 from test_convert import offline_caches  # noqa: F401 (a fixture)
@@ -72,6 +77,7 @@ def test_all_offline_writes_report_with_commands_to_finish(tmp_path, capsys, off
     assert dinat_s_tiny["commands"]["file"] in markdown
 
 
+@pytest.mark.slow
 def test_report_command_with_the_file_at_hand_converts_it(golden, tmp_path, capsys, offline):
     out = tmp_path / "out"
     assert main(["--all", "--output-dir", str(out), "--only", "nat_mini.in1k"]) == 3
@@ -95,6 +101,74 @@ def test_all_refuses_to_overwrite_a_report_it_did_not_write(tmp_path, capsys, of
     assert main(["--all", "--output-dir", str(tmp_path / "out"), "--only", "nat_mini.in1k"]) == 1
     assert "report.md exists and was not written by timm-nat-convert --all" in capsys.readouterr().err
     assert (tmp_path / "out" / "report.md").read_text() == "# my own notes\n"
+
+
+def _parsed(command: str, prefix: list):
+    """``command`` split as a shell would (comments dropped), its converter prefix checked, the rest
+    parsed by the converter's own argparse."""
+    argv = shlex.split(command, comments=True)
+    assert argv[:len(prefix)] == prefix, command
+    return _parser().parse_args(argv[len(prefix):])
+
+
+def test_report_commands_run_the_converter_as_it_was_run(tmp_path, capsys, offline, monkeypatch):
+    """After the README's set-up the converter is ``.venv/bin/python tools/convert.py`` (no
+    ``timm-nat-convert`` on PATH): the report's commands say so, and they parse."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(sys, "argv", ["tools/convert.py"])
+    monkeypatch.setattr(sys, "executable", str(repo / ".venv" / "bin" / "python"))
+    out = tmp_path / "out"
+    assert main(["--all", "--output-dir", str(out), "--only", "nat_mini.in1k", "dinat_s_tiny.*"]) == 3
+    report = json.loads((out / "report.json").read_text())
+    prefix = [".venv/bin/python", "tools/convert.py"]
+    network = _parsed(report["finish_with_network"], prefix)
+    assert network.all and network.output_dir == out and network.only == ["nat_mini.in1k", "dinat_s_tiny.*"]
+    assert report["finish_with_network"] in (out / "report.md").read_text()
+    assert "timm-nat-convert /" not in (out / "report.md").read_text()
+    for entry in report["entries"]:
+        file_args = _parsed(entry["commands"]["file"], prefix)
+        assert file_args.output_dir == out / entry["entry"] and file_args.source.startswith("/path/to/")
+        one = _parsed(entry["commands"]["network"], prefix)
+        assert one.all and one.only == [entry["entry"]]
+
+
+def _row(name: str, finished: bool) -> batch.EntryReport:
+    row = batch.EntryReport(name, [])
+    row.commands = {} if finished else dict(network="", file="")
+    return row
+
+
+def test_network_command_names_only_what_is_left(tmp_path):
+    rows = [_row("nat_mini.in1k", True), _row("nat_tiny.in1k", False), _row("dinat_s_tiny.in1k", False)]
+    command = batch._network_command("timm-nat-convert", tmp_path / "my out", rows, None)
+    args = _parsed(command, ["timm-nat-convert"])
+    assert args.all and args.output_dir == tmp_path / "my out" and args.only == ["nat_tiny.in1k", "dinat_s_tiny.in1k"]
+    # nothing finished: the same selection again, so a whole registry is --all alone (not 25 names)
+    assert _parsed(batch._network_command("timm-nat-convert", tmp_path, rows[1:], None), ["timm-nat-convert"]).only is None
+    again = batch._network_command("timm-nat-convert", tmp_path, rows[1:], ["nat_*", "dinat_s_tiny.in1k"])
+    assert _parsed(again, ["timm-nat-convert"]).only == ["nat_*", "dinat_s_tiny.in1k"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # two converter processes, each limited to 280 s
+def test_report_commands_run_as_printed(tmp_path):
+    """The checkout's script, run offline from the repository root: the printed network command runs
+    (exit 3 again, offline) exactly as printed, with no ``timm-nat-convert`` on PATH."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch-home"), PATH="/usr/bin:/bin",
+               HF_HUB_CACHE=str(tmp_path / "hf-cache"), PYTHONPATH=str(repo))
+    out = tmp_path / "out"
+    first = subprocess.run([sys.executable, "tools/convert.py", "--all", "--output-dir", str(out), "--only",
+                            "dinat_s_tiny.in1k"], cwd=repo, env=env, capture_output=True, text=True, timeout=280)
+    assert first.returncode == 3, first.stdout + first.stderr
+    command = json.loads((out / "report.json").read_text())["finish_with_network"]
+    python = Path(sys.executable)
+    shown = str(python.relative_to(repo)) if python.is_relative_to(repo) else sys.executable
+    assert shlex.split(command)[:3] == [shown, "tools/convert.py", "--all"]
+    again = subprocess.run(shlex.split(command), cwd=repo, env=env, capture_output=True, text=True, timeout=280)
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert "[1/1] dinat_s_tiny.in1k" in again.stdout
 
 
 def test_downloader_detects_offline_once_by_name_resolution(tmp_path, monkeypatch):
@@ -125,11 +199,15 @@ def test_downloader_detects_offline_once_by_name_resolution(tmp_path, monkeypatc
     for _ in range(3):
         with pytest.raises(DownloadError, match="could not download org/repo: offline .huggingface.co does not resolve"):
             downloader.hub_file("org/repo", "pytorch_model.bin")
-        with pytest.raises(DownloadError, match="could not download https://example.com/w.pth: offline"):
+        # the URL's own host is looked up and named, not the Hub's
+        with pytest.raises(DownloadError, match="could not download https://example.com/w.pth: offline .example.com "
+                                                "does not resolve .* and not in "):
             downloader.url_file("https://example.com/w.pth")
     _offline._lookup_failure.cache_clear()  # and leave no patched answer behind
-    assert resolved == ["huggingface.co"] and hub_calls == [True, True, True]
-    assert len(messages) == 1 and "no download is attempted" in messages[0]
+    assert resolved == ["huggingface.co", "example.com"] and hub_calls == [True, True, True]
+    assert len(messages) == 2 and all("no download is attempted" in m for m in messages)
+    assert "example.com" in messages[1] and "huggingface.co" not in messages[1]
+    assert downloader.known_offline.count("does not resolve") == 2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -215,10 +215,12 @@ def test_malicious_model_args_on_the_command_line_are_refused(golden, tmp_path, 
     assert not _connected(listening_port)
 
 
-def test_family_table_is_explicit():
-    assert FAMILIES["nat"].remap is nat.remap_checkpoint and FAMILIES["nat"].filter_fn is nat.checkpoint_filter_fn
-    assert FAMILIES["dinat_s"].remap is dinat_s.remap_checkpoint
-    assert FAMILIES["isotropic"].remap is isotropic.remap_checkpoint
+def test_the_converters_families_are_the_family_modules_declarations():
+    assert [FAMILIES[name] for name in ("nat", "dinat_s", "isotropic")] == [nat.FAMILY, dinat_s.FAMILY, isotropic.FAMILY]
+    assert FAMILIES["nat"].remap_checkpoint is nat.remap_checkpoint
+    assert FAMILIES["nat"].checkpoint_filter_fn is nat.checkpoint_filter_fn
+    assert FAMILIES["dinat_s"].remap_checkpoint is dinat_s.remap_checkpoint
+    assert FAMILIES["isotropic"].remap_checkpoint is isotropic.remap_checkpoint
     assert {"dinat_mini", "dinat_s_tiny", "vitrpb_base"} <= {a for f in FAMILIES.values() for a in f.architectures}
 
 

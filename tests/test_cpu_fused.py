@@ -3,7 +3,6 @@
 The extension must build here (CI has a C++ compiler): a build failure fails these tests.
 """
 import contextlib
-import json
 import logging
 import os
 import random
@@ -13,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from timm_nat.attention import available_backends, cpu_fused, na2d
 from timm_nat.attention.cpu_fused import na2d_cpu_fused
 from timm_nat.attention.reference import na2d_reference
+
+from conftest import assert_close as _assert_close
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,20 +29,6 @@ def extension():
         pytest.fail(f"fused CPU na2d extension did not build: {cpu_fused._load()}")
 
 
-def _golden_cases(golden):
-    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
-        for case in json.loads(f.metadata()["cases"]):
-            prefix = f"case{case['case']}."
-            yield case, {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-
-
-def _assert_close(name, ours, expected):
-    """The golden bound of every backend: max|ours - golden| <= 1e-5 * max(1, max|golden|)."""
-    bound = 1e-5 * max(1.0, expected.abs().max().item())
-    err = (ours - expected).abs().max().item()
-    assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
-
-
 def _forward_and_grads(q, k, v, kernel, dilation, rpb, scale, grad_out, fn=na2d_cpu_fused):
     """Output and the gradients of (out * grad_out).sum() w.r.t. q, k, v (and rpb, if given)."""
     out = fn(q, k, v, kernel, dilation, rpb, scale)
@@ -50,10 +36,10 @@ def _forward_and_grads(q, k, v, kernel, dilation, rpb, scale, grad_out, fn=na2d_
     return (out, *torch.autograd.grad((out * grad_out).sum(), inputs))
 
 
-def test_golden_forward_and_gradients(golden):
+def test_golden_forward_and_gradients(golden_cases):
     to_ours = lambda x: x.permute(0, 2, 3, 1, 4).contiguous()  # golden [B, heads, H, W, D]
     to_golden = lambda x: x.permute(0, 3, 1, 2, 4)
-    for case, t in _golden_cases(golden):
+    for case, t in golden_cases:
         kernel, dilation = (case["kernel_size"],) * 2, tuple(case["dilation"])
         q, k, v = (to_ours(t[n]).requires_grad_() for n in "qkv")
         rpb = t["rpb"].clone().requires_grad_()
@@ -348,23 +334,24 @@ def _op_arguments(**changes):
     q, k, v, grad_out = (torch.randn(1, 9, 8, 2, 4, generator=gen) for _ in range(4))
     args = dict(query=q, key=k, value=v, rpb=torch.randn(2, 5, 3, generator=gen), kernel_size=[3, 2],
                 dilation=[2, 3], scale=0.5)
-    out, lse = torch.ops.timm_nat_na2d.forward(*args.values())
+    _, lse = torch.ops.timm_nat_na2d.forward(*args.values())
     args.update(changes)
     forward = [args[n] for n in ("query", "key", "value", "rpb", "kernel_size", "dilation", "scale")]
-    backward = dict(grad_out=grad_out, out=out, lse=lse, rpb_grad=True)
+    backward = dict(grad_out=grad_out, lse=lse, rpb_grad=True)
     backward.update({n: v for n, v in changes.items() if n in backward})
-    backward_args = [backward["grad_out"], *forward[:3], backward["out"], backward["lse"], *forward[3:],
-                     backward["rpb_grad"]]
+    backward_args = [backward["grad_out"], *forward[:3], backward["lse"], *forward[3:], backward["rpb_grad"]]
     return forward, backward_args
 
 
 _BAD_OP_ARGUMENTS = {
     "rpb_too_small": (dict(rpb=torch.zeros(2, 3, 3)), r"rpb must be \[heads, 2\*kh-1, 2\*kw-1\] = \[2, 5, 3\], got \[2, 3, 3\]"),
-    "rpb_other_dtype": (dict(rpb=torch.zeros(2, 5, 3, dtype=torch.float64)), "rpb must have query's dtype Float"),
+    "rpb_other_dtype": (dict(rpb=torch.zeros(2, 5, 3, dtype=torch.float64)),
+                        "rpb must be float32 or have query's dtype Float, got Double"),
     "key_other_shape": (dict(key=torch.zeros(1, 9, 8, 2, 5)), r"key must have query's shape \[1, 9, 8, 2, 4\]"),
     "value_other_dtype": (dict(value=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float64)), "value must have query's dtype"),
     "query_4d": (dict(query=torch.zeros(9, 8, 2, 4)), r"query must be \[B, H, W, heads, D\]"),
-    "query_int": (dict(query=torch.zeros(1, 9, 8, 2, 4, dtype=torch.int32)), "query must be float32 or float64"),
+    "query_int": (dict(query=torch.zeros(1, 9, 8, 2, 4, dtype=torch.int32)),
+                  "query must be float32, float64, bfloat16 or float16, got Int"),
     "dilation_0": (dict(dilation=[0, 1]), r"dilation must be >= 1, got \[0, 1\]"),
     "kernel_0": (dict(kernel_size=[0, 2]), r"kernel_size must be >= 1, got \[0, 2\]"),
     "kernel_negative": (dict(kernel_size=[3, -1]), r"kernel_size must be >= 1, got \[3, -1\]"),
@@ -376,10 +363,10 @@ _BAD_OP_ARGUMENTS = {
 _BAD_BACKWARD_ARGUMENTS = {
     "lse_other_shape": (dict(lse=torch.zeros(1, 9, 8, 1)), r"lse must be \[B, H, W, heads\] = \[1, 9, 8, 2\], got \[1, 9, 8, 1\]"),
     "lse_strided": (dict(lse=torch.zeros(1, 9, 8, 4)[..., ::2]), "lse must be contiguous"),
-    "lse_other_dtype": (dict(lse=torch.zeros(1, 9, 8, 2, dtype=torch.float64)), "lse must be a CPU tensor of query's dtype"),
+    "lse_other_dtype": (dict(lse=torch.zeros(1, 9, 8, 2, dtype=torch.float64)),
+                        "lse must be a CPU tensor of query's accumulation dtype Float, got Double"),
     "grad_out_other_shape": (dict(grad_out=torch.zeros(1, 9, 7, 2, 4)), r"grad_out must have query's shape \[1, 9, 8, 2, 4\]"),
     "grad_out_other_dtype": (dict(grad_out=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float64)), "grad_out must have query's dtype"),
-    "out_other_shape": (dict(out=torch.zeros(1, 9, 8, 2, 2)), r"out must have query's shape"),
 }
 
 
@@ -420,3 +407,105 @@ def test_torch_compile_fullgraph():
     eager = _forward_and_grads(q, k, v, (3, 3), (2, 1), rpb, 0.25, grad_out)
     for name, a, b in zip(("out", "dq", "dk", "dv", "drpb"), ours, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+# --- bf16 / fp16: the native path ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", _random_configs(6, dims=[32, 12, 16, 5], seed=21), ids=lambda c: _CONFIG_ID(**c))
+def test_low_precision_is_the_fp32_kernel_rounded_once(dtype, config):
+    """bf16/fp16 q, k, v, grad_out (rpb fp32, as under autocast) are read as they are and computed in
+    fp32: out, dq, dk, dv are exactly the fp32 kernel's results on the same values, rounded once, and
+    drpb (fp32) is exactly its drpb; register (32, 16) and buffer (12, 5) head_dims, dilations, rectangles."""
+    q, k, v, rpb, grad_out = _inputs(config, torch.float32, 22)
+    q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
+    args = (config["kernel"], config["dilation"])
+    scale = config["dim"] ** -0.5
+    low = _forward_and_grads(*(t.clone().requires_grad_() for t in (q, k, v)), *args, rpb.clone().requires_grad_(),
+                             scale, grad_out)
+    wide = _forward_and_grads(*(t.float().requires_grad_() for t in (q, k, v)), *args, rpb.clone().requires_grad_(),
+                              scale, grad_out.float())
+    assert [t.dtype for t in low] == [dtype] * 4 + [torch.float32]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), low, wide):
+        assert torch.equal(a, b.to(dtype)), f"{name}: max abs diff {(a.float() - b.to(dtype).float()).abs().max():.3g}"
+    assert torch.equal(low[4], wide[4]), "drpb"
+    reference = _forward_and_grads(*(t.double().requires_grad_() for t in (q, k, v)), *args,
+                                   rpb.double().requires_grad_(), scale, grad_out.double(), na2d_reference)
+    half_ulp = 2**-9 if dtype == torch.bfloat16 else 2**-12  # relative rounding bound, plus fp32 noise
+    for name, a, b in zip(("out", "dq", "dk", "dv"), low, reference):
+        err = (a.double() - b).abs()
+        assert (err <= 2 * half_ulp * b.abs() + 1e-5).all(), f"{name}: max abs diff {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("rpb_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_makes_no_widened_copies(rpb_dtype):
+    """bf16 q, k, v with an fp32 (autocast's parameter) or bf16 rpb: forward and backward copy no
+    tensor of q's shape to another dtype (the kernel used to widen q, k, v, grad_out to fp32 and
+    round its outputs back)."""
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(1, 9, 10, 2, 16, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    rpb = torch.randn(2, 5, 5, generator=gen).to(rpb_dtype).requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = na2d_cpu_fused(q, k, v, (3, 3), (2, 1), rpb, 0.25)
+        grads = torch.autograd.grad(out, (q, k, v, rpb), torch.ones_like(out))
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3 + [rpb_dtype]
+    copies = [e for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_") and list(q.shape) in e.input_shapes]
+    assert not copies, [(e.name, e.input_shapes) for e in copies]
+
+
+def test_op_takes_low_precision_maps_with_an_fp32_or_own_dtype_rpb():
+    """The op itself: bf16/fp16 maps, rpb fp32 or the maps' dtype, logsumexp fp32; outputs in the maps'
+    dtype, drpb in rpb's."""
+    gen = torch.Generator().manual_seed(24)
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v, grad_out = (torch.randn(1, 9, 8, 2, 4, generator=gen).to(dtype) for _ in range(4))
+        for rpb in (torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 3, generator=gen).to(dtype)):
+            out, lse = torch.ops.timm_nat_na2d.forward(q, k, v, rpb, [3, 2], [2, 3], 0.5)
+            assert out.dtype == dtype and lse.dtype == torch.float32
+            grads = torch.ops.timm_nat_na2d.backward(grad_out, q, k, v, lse, rpb, [3, 2], [2, 3], 0.5, True)
+            assert [g.dtype for g in grads] == [dtype] * 3 + [rpb.dtype]
+            expected = na2d_reference(q.float(), k.float(), v.float(), (3, 2), (2, 3), rpb.float(), 0.5)
+            torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-5)
+
+
+_BF16 = dict(query=torch.zeros(1, 9, 8, 2, 4, dtype=torch.bfloat16), key=torch.zeros(1, 9, 8, 2, 4, dtype=torch.bfloat16),
+             value=torch.zeros(1, 9, 8, 2, 4, dtype=torch.bfloat16), grad_out=torch.zeros(1, 9, 8, 2, 4, dtype=torch.bfloat16),
+             lse=torch.zeros(1, 9, 8, 2))
+_BAD_LOW_PRECISION_ARGUMENTS = {
+    "rpb_fp16_with_bf16_query": (dict(_BF16, rpb=torch.zeros(2, 5, 3, dtype=torch.float16)),
+                                 "rpb must be float32 or have query's dtype BFloat16, got Half"),
+    "rpb_fp64_with_bf16_query": (dict(_BF16, rpb=torch.zeros(2, 5, 3, dtype=torch.float64)),
+                                 "rpb must be float32 or have query's dtype BFloat16, got Double"),
+    "key_fp16_with_bf16_query": (dict(_BF16, key=torch.zeros(1, 9, 8, 2, 4, dtype=torch.float16)),
+                                 "key must have query's dtype BFloat16, got Half"),
+    "value_fp32_with_bf16_query": (dict(_BF16, value=torch.zeros(1, 9, 8, 2, 4)), "value must have query's dtype BFloat16"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_LOW_PRECISION_ARGUMENTS), ids=str)
+def test_op_checks_low_precision_arguments(case):
+    changes, message = _BAD_LOW_PRECISION_ARGUMENTS[case]
+    forward, backward = _op_arguments(**changes)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.timm_nat_na2d.forward(*forward)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.timm_nat_na2d.backward(*backward)
+
+
+@pytest.mark.parametrize("lse_dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_backward_op_wants_an_fp32_lse_for_bf16_maps(lse_dtype):
+    _, backward = _op_arguments(**dict(_BF16, rpb=torch.zeros(2, 5, 3), lse=torch.zeros(1, 9, 8, 2, dtype=lse_dtype)))
+    with pytest.raises(RuntimeError, match=f"lse must be a CPU tensor of query's accumulation dtype Float, got "
+                                           f"{'BFloat16' if lse_dtype == torch.bfloat16 else 'Double'}"):
+        torch.ops.timm_nat_na2d.backward(*backward)
+
+
+def test_fake_kernels_give_the_logsumexp_in_the_compute_dtype():
+    """torch.compile's shapes: the fake forward's logsumexp is fp32 for bf16 maps, as the kernel's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(1, 9, 8, 2, 4, dtype=torch.bfloat16)
+        out, lse = torch.ops.timm_nat_na2d.forward(q, q, q, torch.empty(2, 5, 3), [3, 2], [2, 3], 0.5)
+        grads = torch.ops.timm_nat_na2d.backward(q, q, q, q, lse, torch.empty(2, 5, 3), [3, 2], [2, 3], 0.5, True)
+    assert (out.dtype, lse.dtype) == (torch.bfloat16, torch.float32)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3 + [torch.float32]

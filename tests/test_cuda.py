@@ -8,17 +8,17 @@ to bf16 (unit roundoff 2**-8) or fp16 (2**-11), which moves unit-scale logits by
 1e-2 bf16, 2e-3 fp16) sets the forward bounds 3e-2 / 4e-3, as on CPU. Gradients pass through two
 more products of rounded operands (``dP = dO V^T``, ``dS = P (dP - delta)``), so they get twice that.
 """
-import json
 import time
 
 import pytest
 import timm
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat.attention import flex, na2d, use_backend
+
+from conftest import (
+    GOLDEN_HF_TINY, GOLDEN_ORIGINAL_ONLY_TINY, golden_arch_and_kwargs, golden_checkpoint, golden_outputs)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -38,13 +38,6 @@ def exact_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
-def _golden_cases(golden):
-    with safe_open(str(golden / "na2d_legacy.safetensors"), "pt") as f:
-        for case in json.loads(f.metadata()["cases"]):
-            prefix = f"case{case['case']}."
-            yield case, {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
 
 def _natten_layout(x):  # golden [B, heads, H, W, D] -> [B, H, W, heads, D]
@@ -80,10 +73,10 @@ def _backend_available(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", ["flex", "tiled"])
-def test_golden_op_with_rpb(golden, backend, dtype):
+def test_golden_op_with_rpb(golden_cases, backend, dtype):
     """Forward and the four gradients of every golden case, with RPB."""
     forward_bound, grad_bound = (FP32, FP32) if dtype == torch.float32 else LOW_PRECISION[dtype]
-    for case, t in _golden_cases(golden):
+    for case, t in golden_cases:
         out, grads = _run(case, t, backend, dtype)
         assert out.dtype == dtype
         _check(f"case{case['case']}.out", out, t["out"], forward_bound)
@@ -93,11 +86,11 @@ def test_golden_op_with_rpb(golden, backend, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ["flex", "tiled", "natten"])
-def test_golden_op_without_rpb(golden, backend, dtype):
+def test_golden_op_without_rpb(golden_cases, backend, dtype):
     """``out_norpb`` of every case; gradients against tiled's in fp32 (the golden file has none)."""
     _backend_available(backend)
     forward_bound, grad_bound = (FP32, FP32) if dtype == torch.float32 else LOW_PRECISION[dtype]
-    for case, t in _golden_cases(golden):
+    for case, t in golden_cases:
         if backend == "natten" and case["head_dim"] < 8:  # NATTEN's rule: head_dim a power of two >= 8
             continue
         out, grads = _run(case, t, backend, dtype, with_rpb=False)
@@ -107,26 +100,17 @@ def test_golden_op_without_rpb(golden, backend, dtype):
             _check(f"case{case['case']}.{name} (no RPB, vs tiled fp32)", grads[name], expected[name].cpu(), grad_bound)
 
 
-# golden tiny checkpoint -> converter arguments (tests/golden/README: the DiNAT ones' dilations)
-TINY_DILATIONS = json.dumps({"dilations": [[1, 8], [1, 4], [1, 2], [1, 1]]})
-GOLDEN_FAMILIES = {
-    "nat_test_tiny": ["--model", "nat_mini"],
-    "dinat_test_tiny": ["--model", "dinat_mini", "--model-args", TINY_DILATIONS],
-    "dinat_s_test_tiny": ["--model", "dinat_s_tiny", "--model-args", TINY_DILATIONS],
-    "nat_isotropic_test_tiny": ["--model", "nat_isotropic_small"],
-    "dinat_isotropic_test_tiny": ["--model", "dinat_isotropic_small"],
-    "vitrpb_test_tiny": [],
-}
+GOLDEN_FAMILIES = [*GOLDEN_HF_TINY, *GOLDEN_ORIGINAL_ONLY_TINY]
 
 
 @pytest.mark.parametrize("name", GOLDEN_FAMILIES)
-def test_golden_models_on_cuda(golden, tmp_path, name):
+def test_golden_models_on_cuda(name):
     """Every family's golden logits on CUDA (flex with RPB, the CUDA default), all five inputs;
-    the original checkpoint converted and loaded as a user would (converter, then local-dir:)."""
-    from timm_nat.convert import main as convert
-    assert convert([str(golden / "orig" / f"{name}.pth"), "-o", str(tmp_path / name), *GOLDEN_FAMILIES[name]]) == 0
-    model = timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True).cuda().eval()
-    outputs = load_file(golden / "orig" / f"{name}.golden.safetensors")
+    the original checkpoint through timm's pretrained path, as the CPU golden tests load it."""
+    arch, kwargs = golden_arch_and_kwargs(name)
+    model = timm.create_model(arch, pretrained=True, num_classes=10, **kwargs, pretrained_cfg_overlay=dict(
+        file=str(golden_checkpoint(name)), num_classes=10)).cuda().eval()
+    outputs = golden_outputs(name)
     with torch.no_grad():
         for j in range(sum(key.startswith("input") for key in outputs)):
             diff = (model(outputs[f"input{j}"].cuda()).cpu() - outputs[f"logits{j}"]).abs().max().item()

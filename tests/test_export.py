@@ -11,16 +11,17 @@ import timm
 import torch
 
 import timm_nat  # noqa: F401  (registers the models)
-from timm_nat.attention import tiled
+from timm_nat.attention import tiled, tiling
+
+from conftest import tiny_kwargs
 
 FAMILIES = {  # family: (arch, kwargs, input size); tiny configs, one per model class / attention kind
-    "nat": ("nat_mini", dict(embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8), kernel_size=5), 64),
-    "dinat": ("dinat_mini", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), kernel_size=3,
-                                 dilations=((1, 8), (1, 4), (1, 2), (1, 1))), 64),
-    "dinat_s": ("dinat_s_tiny", dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), kernel_size=3,
-                                     dilations=((1, 8), (1, 4), (1, 2), (1, 1))), 64),
-    "dinat_isotropic": ("dinat_isotropic_small", dict(img_size=128, embed_dim=32, depth=2, num_heads=4, kernel_size=3), 128),
-    "vitrpb": ("vitrpb_small", dict(img_size=128, embed_dim=32, depth=2, num_heads=4), 128),
+    "nat": ("nat_mini", tiny_kwargs("nat_mini", kernel_size=5), 64),
+    "dinat": ("dinat_mini", tiny_kwargs("dinat_mini", kernel_size=3), 64),
+    "dinat_s": ("dinat_s_tiny", tiny_kwargs("dinat_s_tiny", kernel_size=3), 64),
+    "dinat_isotropic": (
+        "dinat_isotropic_small", tiny_kwargs("dinat_isotropic_small", img_size=128, depth=2, kernel_size=3), 128),
+    "vitrpb": ("vitrpb_small", tiny_kwargs("vitrpb_small", img_size=128, depth=2), 128),
 }
 BATCHES = (1, 2, 4)
 EXPORT_BATCH = 2  # torch.export specialises a size-1 dim; timm's onnx_export traces at >= 2 too
@@ -30,7 +31,7 @@ EXPORT_BATCH = 2  # torch.export specialises a size-1 dim; timm's onnx_export tr
 def several_chunks(monkeypatch):
     """Eager runs split the tiles into several chunks even on tiny models, as at real sizes: the
     chunk count depends on the batch size and must not reach a traced graph (it once did)."""
-    monkeypatch.setattr(tiled, "_CHUNK_BYTES", 2**12)
+    monkeypatch.setattr(tiling, "CHUNK_BYTES", 2**12)
 
 
 def _model(family: str) -> torch.nn.Module:

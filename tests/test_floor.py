@@ -28,6 +28,7 @@ def _tiny_pretrained(golden, tiny_model_kwargs, **kwargs):
         num_classes=10, **tiny_model_kwargs(TINY), **kwargs)
 
 
+@pytest.mark.timeout(400)  # its subprocess has 300 s
 def test_plain_import_timm_registers_the_models():
     """The installed start-up hook: a fresh interpreter that never imports timm_nat finds the models."""
     code = textwrap.dedent("""

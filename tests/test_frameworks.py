@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 import timm_nat  # noqa: F401  (registers the models)
 
+from conftest import tiny_kwargs
+
 REPO = Path(__file__).resolve().parents[1]
-TINY_DINAT = dict(
-    embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 4), kernel_size=3, dilations=((1, 4), (1, 2), (1,), (1,)))
+TINY_DINAT = tiny_kwargs("dinat_mini", kernel_size=3)
 
 
 def _images(*shape) -> torch.Tensor:
@@ -272,6 +273,8 @@ def _image_folder(root: Path, images_per_class: int = 4) -> None:
 
 
 @needs_timm_scripts
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # seven script runs; each subprocess has 900 s of its own
 def test_timm_scripts_unmodified(tmp_path):
     """timm's scripts, unmodified, on a 2-class synthetic ImageFolder (8 train, 8 val images), then
     two-process DDP training under torchrun (gloo) through the CPU launcher."""

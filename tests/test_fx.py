@@ -10,8 +10,8 @@ import timm_nat  # noqa: F401  (registers the models and the FX leaves)
 from timm_nat import NeighborhoodAttention2d
 from timm_nat._fx import FX_LEAF_MODULES, RelPosGlobalAttention
 
-ARCHITECTURES = sorted(
-    m for m in timm.list_models() if timm.models.model_entrypoint(m).__module__.startswith("timm_nat."))
+from conftest import ARCHITECTURES
+
 
 # one tiny configuration per family (one per attention / stem / downsampler combination)
 TINY = {
@@ -147,17 +147,25 @@ def test_timm_create_feature_extractor_named_nodes():
     assert torch.equal(out["norm"], features)
 
 
-def test_torchvision_create_feature_extractor_needs_timm_leaves():
-    """torchvision's own extractor: traces with timm's leaf list; without it, tracing fails inside the
-    attention layer (its runtime padding), which is why the leaves exist."""
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_torchvision_create_feature_extractor_without_timm_leaves(name):
+    """torchvision's own extractor with its default tracer (no timm leaf list), as for timm's Swin:
+    the layers register the attention call with ``torch.fx.wrap``, so every tracer records it as one
+    node (it used to fail inside the layer: "symbolically traced variables cannot be used as inputs
+    to control flow"). Its stage maps equal ``forward_intermediates``."""
     from torchvision.models.feature_extraction import create_feature_extractor as tv_create_feature_extractor
 
-    model = _tiny("nat_mini").eval()
-    extractor = tv_create_feature_extractor(
-        model, return_nodes=["stages.3"], tracer_kwargs=dict(leaf_modules=get_notrace_modules()))
+    model = _tiny(name).eval()
+    indices = [0, 2]
+    prefix = "stages" if hasattr(model, "stages") else "blocks"
+    extractor = tv_create_feature_extractor(model, return_nodes=[f"{prefix}.{i}" for i in indices])
+    attention_calls = [n for n in extractor.graph.nodes if n.op == "call_function"
+                       and n.target.__name__ in ("na2d", "global_attention")]
+    assert attention_calls, "the attention call is one node of the graph"
     images = _images()
     with torch.no_grad():
-        expected = model.forward_intermediates(images, indices=[3], intermediates_only=True, output_fmt="NHWC")[0]
-        assert torch.equal(extractor(images)["stages.3"], expected)
-    with pytest.raises(Exception, match="symbolically traced variables cannot be used as inputs to control flow"):
-        tv_create_feature_extractor(model, return_nodes=["stages.3"])
+        maps = list(extractor(images).values())
+        expected = model.forward_intermediates(images, indices=indices, intermediates_only=True, output_fmt="NHWC")
+    assert len(maps) == len(expected) == len(indices)
+    for fx_map, eager_map in zip(maps, expected):
+        assert torch.equal(fx_map, eager_map)

@@ -28,6 +28,10 @@ def hook_dir(tmp_path) -> Path:
     return tmp_path
 
 
+# every test starts one or two interpreters, each limited to 120 s
+pytestmark = pytest.mark.timeout(300)
+
+
 def _run(hook_dir: Path, code: str, then: str = "", first_on_path=(), **env) -> subprocess.CompletedProcess:
     """Run ``code`` then ``then`` (after starting the hook) in a fresh interpreter with this checkout importable."""
     python_path = [str(p) for p in first_on_path] + [str(hook_dir), str(REPO), os.environ.get("PYTHONPATH", "")]

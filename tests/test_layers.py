@@ -2,6 +2,9 @@
 build-time checks of hyper-parameters through every model family, and the package's shape
 (import graph, public API, docstrings)."""
 import ast
+import re
+import sys
+import types
 import inspect
 from pathlib import Path
 
@@ -142,6 +145,41 @@ def test_models_reach_the_operator_only_through_layers():
     assert ".attention" in _imports(PACKAGE / "layers.py")
 
 
+def test_only_compat_knows_compat():
+    """``timm_nat.compat`` is the legacy NATTEN API on top of the package: nothing else imports it or
+    reads its markers (attention maps of our models live in ``timm_nat.attention_maps``; the NATTEN
+    backend tells a stand-in ``natten`` module by its missing file, not by a compat flag)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "compat" in path.relative_to(PACKAGE).parts:
+            continue
+        offending = [m for m in _imports(path) if m.split(".")[-1] == "compat" or ".compat." in m]
+        assert offending == [], f"{path.relative_to(PACKAGE)} imports {offending}"
+        assert "__timm_nat_shim__" not in path.read_text(), path
+
+
+def test_natten_backend_ignores_a_stand_in_natten_module(monkeypatch):
+    """A ``natten`` module registered in ``sys.modules`` without a file (a shim, whoever made it) is
+    not NATTEN: the backend reports it missing instead of calling it."""
+    from timm_nat.attention import backends
+    monkeypatch.setitem(sys.modules, "natten", types.ModuleType("natten"))
+    assert not backends.natten_importable()
+    assert "not installed" in backends.BACKENDS["natten"].why_not(torch.device("cpu"), False, False)
+
+
+_GRAPH_MODE_CHECK = re.compile(
+    r"torch\.(compiler\.is_compiling|compiler\.is_exporting|jit\.is_tracing|onnx\.is_in_onnx_export)\b"
+    r"|TorchVersion|_get_tracing_state|_len_torch_dispatch_stack")
+
+
+def test_torch_mode_is_asked_in_one_place():
+    """Compiling, exporting, jit/ONNX tracing, dispatch modes and torch-version gates are read only
+    in ``timm_nat.attention.graph_mode``; everything else asks it (``torch.jit.is_scripting`` stays
+    literal: TorchScript recognises only that call)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name != "graph_mode.py":
+            assert not _GRAPH_MODE_CHECK.search(path.read_text()), path.relative_to(PACKAGE)
+
+
 def test_package_exports_only_the_public_api():
     assert sorted(timm_nat.__all__) == sorted([
         "na2d", "use_backend", "available_backends", "BACKEND_ENV_VAR",
@@ -154,7 +192,8 @@ def test_package_exports_only_the_public_api():
 
 
 @pytest.mark.parametrize("module_name", [
-    "timm_nat", "timm_nat.layers", "timm_nat.pretrained", "timm_nat.models", "timm_nat.models._helpers",
+    "timm_nat", "timm_nat.layers", "timm_nat.attention_maps", "timm_nat.pretrained", "timm_nat.models",
+    "timm_nat.models._helpers",
     "timm_nat.models.nat", "timm_nat.models.dinat_s", "timm_nat.models.isotropic"])
 def test_every_public_function_has_a_docstring(module_name):
     module = __import__(module_name, fromlist=["_"])

@@ -8,52 +8,28 @@ depend on width or depth. Real sizes appear only where they are the point: every
 layout (``shapes/*.json``) loads strictly into its architecture (and its exact parameter count), on
 the meta device.
 """
-import functools
 import json
 
 import pytest
 import timm
 import torch
-from timm.models import model_entrypoint
 from timm.optim import create_optimizer_v2
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat.layers import QkvAttention2d, RelPosGlobalAttention
-from timm_nat.models import dinat_s, isotropic, nat
+from timm_nat.models import model_families, nat
 from timm_nat.pretrained import load_registry
 
-from conftest import max_abs_diff
+from conftest import ARCHITECTURES, family_name, is_hierarchical, max_abs_diff, tiny_kwargs
 
-ARCHS = sorted(m for m in timm.list_models() if model_entrypoint(m).__module__.startswith("timm_nat."))
-FAMILY_MODULES = {"nat": nat, "dinat_s": dinat_s, "isotropic": isotropic}
 SMALL_INPUT = (1, 3, 64, 64)
 NUM_CLASSES = 10
-
-
-def _family(arch: str) -> str:
-    return model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
-
-
-def _is_hierarchical(arch: str) -> bool:
-    return _family(arch) != "isotropic"
-
-
-@functools.lru_cache(maxsize=None)
-def _shrunk_args(arch: str) -> dict:
-    """Few channels and blocks for ``arch``: two blocks a stage with the stage's own two dilations
-    (DiNAT alternates 1 and the stage's), or four isotropic blocks (dilation on the odd ones)."""
-    if not _is_hierarchical(arch):
-        return dict(embed_dim=32, num_heads=4, depth=4)
-    real = timm.create_model(arch, device="meta")
-    dilations = tuple(tuple(block.attn.dilation[0] for block in stage.blocks[:2]) for stage in real.stages)
-    return dict(embed_dim=16, num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2), dilations=dilations)
-
 
 def _narrow(arch: str, **kwargs) -> torch.nn.Module:
     """``arch`` with few channels and blocks (its kernel, dilations, stem, patch, MLP ratio, layer
     scale and default input size kept), random weights, eval."""
     torch.manual_seed(0)
-    return timm.create_model(arch, num_classes=NUM_CLASSES, **dict(_shrunk_args(arch), **kwargs)).eval()
+    return timm.create_model(arch, num_classes=NUM_CLASSES, **tiny_kwargs(arch, **kwargs)).eval()
 
 
 def _trunk(model) -> torch.nn.Sequential:
@@ -62,7 +38,7 @@ def _trunk(model) -> torch.nn.Sequential:
 
 
 def _expected_map_sizes(arch: str, height: int, width: int, count: int) -> list:
-    if not _is_hierarchical(arch):  # patch embedding pads to a multiple of 16, then one resolution
+    if not is_hierarchical(arch):  # patch embedding pads to a multiple of 16, then one resolution
         return [(-(-height // 16), -(-width // 16))] * count
     sizes = []
     for stage in range(count):
@@ -74,7 +50,7 @@ def _expected_map_sizes(arch: str, height: int, width: int, count: int) -> list:
 
 # --- forward and head -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_forward_at_default_size(arch):
     model = _narrow(arch)
     _, height, width = model.pretrained_cfg["input_size"]
@@ -90,7 +66,7 @@ def test_forward_at_default_size(arch):
     assert logits.shape == (1, NUM_CLASSES) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_backward_reaches_every_parameter(arch):
     model = _narrow(arch).train()
     logits = model(torch.randn(*SMALL_INPUT))
@@ -100,7 +76,7 @@ def test_backward_reaches_every_parameter(arch):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_reset_classifier(arch):
     model = _narrow(arch)
     x = torch.randn(*SMALL_INPUT)
@@ -110,7 +86,7 @@ def test_reset_classifier(arch):
     assert model(x).shape == (1, model.num_features)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_any_input_size(arch):
     model = _narrow(arch)
     for height, width in [(33, 47), (200, 120), (16, 16), (16, 160)]:
@@ -132,7 +108,7 @@ def test_torch_compile_full_graph():
 
 # --- features ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_forward_intermediates_are_the_trunk_outputs(arch):
     model = _narrow(arch)
     x = torch.randn(1, 3, 96, 80)
@@ -156,11 +132,11 @@ def test_forward_intermediates_are_the_trunk_outputs(arch):
     assert max_abs_diff(normed_last[0], features) == 0.0
     # hierarchical: the final norm is sized for (and applied to) the last stage only; isotropic: every block
     second = intermediates[1].permute(0, 2, 3, 1)
-    expected_second = second if _is_hierarchical(arch) else model.norm(second)
+    expected_second = second if is_hierarchical(arch) else model.norm(second)
     assert max_abs_diff(normed_second[0], expected_second) <= 1e-6
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_features_only_agrees_with_forward_intermediates(arch):
     model = _narrow(arch)
     x = torch.randn(1, 3, 96, 72)
@@ -169,28 +145,28 @@ def test_features_only_agrees_with_forward_intermediates(arch):
         # share the weights; the feature model lost norm, head and the trunk after its last output
         result = feature_model.model.load_state_dict(model.state_dict(), strict=False)
         info = feature_model.feature_info
-        trunk_name = "stages" if _is_hierarchical(arch) else "blocks"
+        trunk_name = "stages" if is_hierarchical(arch) else "blocks"
         assert result.missing_keys == []
         assert all(k.startswith(("norm.", "head.")) or (k.split(".")[0] == trunk_name and int(k.split(".")[1]) > max(info.out_indices))
                    for k in result.unexpected_keys)
         with torch.no_grad():
             maps = feature_model(x)
             intermediates = model.forward_intermediates(x, indices=info.out_indices, intermediates_only=True)
-        default_count = 4 if _is_hierarchical(arch) else 3  # every stage / the last 3 blocks
+        default_count = 4 if is_hierarchical(arch) else 3  # every stage / the last 3 blocks
         assert len(maps) == len(intermediates) == (default_count if out_indices is None else 2)
         assert [max_abs_diff(a, b) for a, b in zip(maps, intermediates)] == [0.0] * len(maps)
         assert [m.shape[1] for m in maps] == info.channels()
-        if _is_hierarchical(arch):
+        if is_hierarchical(arch):
             expected = [4, 8, 16, 32] if out_indices is None else [8, 32]
         else:
             expected = [16] * len(maps)
         assert info.reduction() == expected
         assert all(-(-x.shape[-1] // r) == m.shape[-1] for m, r in zip(maps, info.reduction()))
-        if _is_hierarchical(arch) and out_indices is not None:
+        if is_hierarchical(arch) and out_indices is not None:
             assert info.channels() == [32, 128]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_prune_intermediate_layers_keeps_what_is_needed(arch):
     model = _narrow(arch)
     x = torch.randn(*SMALL_INPUT)
@@ -202,7 +178,7 @@ def test_prune_intermediate_layers_keeps_what_is_needed(arch):
         pruned = model.forward_intermediates(x, intermediates_only=True)
         output = model(x)
     assert [max_abs_diff(a, b) for a, b in zip(pruned, reference[:2])] == [0.0, 0.0]
-    if _is_hierarchical(arch):
+    if is_hierarchical(arch):
         # as in timm's swin: no norm, no pooling, no classifier left, so forward gives the last kept map (NHWC)
         assert isinstance(model.norm, torch.nn.Identity)
         assert max_abs_diff(output, reference[1].permute(0, 2, 3, 1)) == 0.0
@@ -210,7 +186,7 @@ def test_prune_intermediate_layers_keeps_what_is_needed(arch):
 
 # --- training hooks ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_grad_checkpointing_gives_same_outputs_and_grads(arch):
     x = torch.randn(*SMALL_INPUT)
     results = []
@@ -225,7 +201,7 @@ def test_grad_checkpointing_gives_same_outputs_and_grads(arch):
     assert max(max_abs_diff(a, b) for a, b in zip(grads_on, grads_off)) <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_no_weight_decay_and_layer_wise_lr_groups(arch):
     model = _narrow(arch)
     names = model.no_weight_decay()
@@ -240,7 +216,7 @@ def test_no_weight_decay_and_layer_wise_lr_groups(arch):
             owner[id(p)] = group
     assert len(owner) == len(list(model.parameters()))
     scale = {n: owner[id(p)]["lr_scale"] for n, p in model.named_parameters()}
-    if _is_hierarchical(arch):
+    if is_hierarchical(arch):
         first, last = "stages.0.blocks.0", f"stages.3.blocks.{len(model.stages[3].blocks) - 1}"
     else:
         first, last = "blocks.0", f"blocks.{len(model.blocks) - 1}"
@@ -258,7 +234,7 @@ ORIGINAL_NAME_TO_ARCH = {
     "dinat_s_large_21k": "dinat_s_large",
 }
 HUB_LAYOUT_TO_ARCH = {e["hf_hub_id"].split("/")[1]: e["model"] for e in load_registry() if "hf_hub_id" in e}
-ORIGINAL_LAYOUT_TO_ARCH = {f"orig_{a}": a for a in ARCHS} | {f"orig_{n}": a for n, a in ORIGINAL_NAME_TO_ARCH.items()}
+ORIGINAL_LAYOUT_TO_ARCH = {f"orig_{a}": a for a in ARCHITECTURES} | {f"orig_{n}": a for n, a in ORIGINAL_NAME_TO_ARCH.items()}
 LAYOUT_TO_ARCH = HUB_LAYOUT_TO_ARCH | ORIGINAL_LAYOUT_TO_ARCH
 
 
@@ -270,7 +246,7 @@ def _load_layout(golden, layout_name: str, **kwargs):
     head_key = "classifier.weight" if layout["format"] == "transformers" else "head.weight"
     model = timm.create_model(arch, device="meta", num_classes=layout["keys"][head_key][0], **kwargs)
     checkpoint = {k: torch.empty(shape, device="meta") for k, shape in layout["keys"].items()}
-    converted = FAMILY_MODULES[_family(arch)].checkpoint_filter_fn(checkpoint, model)
+    converted = model_families()[family_name(arch)].checkpoint_filter_fn(checkpoint, model)
     return model, layout, converted
 
 
@@ -322,12 +298,12 @@ def test_shared_renames_of_the_published_layouts():
     assert original_head_key("head.fc.bias") == "head.fc.bias" and original_head_key("norm.bias") == "norm.bias"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_MODULES))
+@pytest.mark.parametrize("family", sorted(model_families()))
 def test_remap_checkpoint_is_pure(family):
     arch = {"nat": "dinat_mini", "dinat_s": "dinat_s_tiny", "isotropic": "vitrpb_small"}[family]
     state_dict = _narrow(arch).state_dict()
     keys_before = list(state_dict)
-    remapped = FAMILY_MODULES[family].remap_checkpoint(state_dict)
+    remapped = model_families()[family].remap_checkpoint(state_dict)
     assert remapped is not state_dict and list(state_dict) == keys_before  # input untouched
     assert remapped.keys() == state_dict.keys()  # timm's own layout is returned as is
     assert all(remapped[k] is v for k, v in state_dict.items())
@@ -367,3 +343,58 @@ def test_pool_size_follows_the_family_reduction():
     cfg = family_cfg(first_conv="patch_embed.proj", reduction=16, input_size=(3, 384, 320))
     assert cfg["pool_size"] == (24, 20) and cfg["first_conv"] == "patch_embed.proj"
     assert family_cfg(first_conv="patch_embed.proj.0", reduction=32)["pool_size"] == (7, 7)
+
+
+def test_timm_lists_exactly_the_declared_architectures():
+    """What timm registered (entrypoints in timm_nat modules) is what the family declarations list."""
+    from timm.models import model_entrypoint
+
+    registered = sorted(m for m in timm.list_models() if model_entrypoint(m).__module__.startswith("timm_nat."))
+    assert registered == ARCHITECTURES and len(ARCHITECTURES) == 22
+
+
+# --- a new family: one module plus registry rows --------------------------------------------------
+
+@pytest.fixture
+def toy_family(monkeypatch):
+    """tests/toy_family.py registered as a family module would register itself, with its registry rows;
+    unregistered afterwards (from timm and from the families the converter reads)."""
+    import toy_family
+    from timm.models import _registry
+
+    from timm_nat import pretrained
+    from timm_nat.convert import architecture
+    from timm_nat.models import _family
+
+    registry = pretrained.load_registry
+    monkeypatch.setattr(pretrained, "load_registry", lambda: registry() + toy_family.TOY_REGISTRY_ROWS)
+    _family.register_family(toy_family.FAMILY)
+    yield toy_family
+    _family._FAMILIES.pop(toy_family.FAMILY.name)
+    for arch in toy_family.FAMILY.architectures:
+        _registry._clear_model_entries(arch)
+        _registry._model_entrypoints.pop(arch)
+    architecture._meta_model_cached.cache_clear()
+
+
+def test_a_new_family_is_one_module_plus_registry_rows(toy_family, tmp_path, capsys):
+    """Declaration -> timm.create_model -> the converter reads its sizes from a checkpoint in the
+    family's published layout, converts and verifies it -> timm loads the converted folder."""
+    from timm_nat.convert import infer_architecture, main
+
+    model = timm.create_model("toy_nat_small")
+    assert isinstance(model, toy_family.ToyNat) and model.pretrained_cfg["tag"] == "in1k"
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64) and "toy_nat_small" in timm.list_models(module="toy_family")
+    torch.manual_seed(0)
+    trained = timm.create_model("toy_nat_small", embed_dim=16, depth=3, num_heads=4, kernel_size=5, num_classes=7).eval()
+    published = {k.replace("patch_embed.", "stem.").replace("blocks.", "layers.").replace("head.fc.", "classifier."): v
+                 for k, v in trained.state_dict().items()}
+    arch = infer_architecture(published)
+    assert (arch.model, arch.model_args, arch.num_classes) == (
+        "toy_nat_small", dict(embed_dim=16, depth=3, num_heads=4, kernel_size=5), 7)
+    torch.save(published, tmp_path / "toy.pth")
+    assert main([str(tmp_path / "toy.pth"), "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))

@@ -7,78 +7,46 @@ size, another number of input channels."""
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.layers import resize_rel_pos_bias_table
 from timm.models._manipulate import adapt_input_conv
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat.models import dinat_s, isotropic, nat
 
-from conftest import max_abs_diff
+from conftest import (
+    GOLDEN_ATOL, GOLDEN_HF_TINY as TINY_CHECKPOINTS, GOLDEN_ORIGINAL_ONLY_TINY as ORIGINAL_ONLY_TINY, assert_close,
+    golden_arch_and_kwargs, golden_checkpoint, golden_outputs, max_abs_diff,
+)
 
-ATOL = 1e-4  # golden README: ~1e-6 expected in fp32, above 1e-4 is a bug
 NUM_INPUTS = 5  # hf/ goldens: input0..input4, several with maps smaller than kernel x dilation
 NUM_STAGES = 4
 
-# golden tiny checkpoint -> registered architecture it is a shrunken copy of
-TINY_CHECKPOINTS = {"nat_test_tiny": "nat_mini", "dinat_test_tiny": "dinat_mini"}  # hf/ and orig/
 LAYOUTS = ("transformers", "original")
-# orig/ only. golden README: DiNAT_s embed 16, depths 2-2-2-2, heads 1-2-4-8, kernel 3, dilations
-# [[1,8],[1,4],[1,2],[1,1]], mlp 2.0; isotropic 128x128 input, patch 16, embed 32, depth 4, heads 4,
-# kernel 3 (DiNAT-iso: dilation 2 on odd layers; ViT-RPB: global attention); 10 classes.
-_TINY_ISOTROPIC = dict(img_size=128, embed_dim=32, depth=4, num_heads=4)
-ORIGINAL_ONLY_TINY = {
-    "dinat_s_test_tiny": ("dinat_s_tiny", dict(
-        embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), kernel_size=3,
-        dilations=((1, 8), (1, 4), (1, 2), (1, 1)), mlp_ratio=2.)),
-    "nat_isotropic_test_tiny": ("nat_isotropic_small", dict(_TINY_ISOTROPIC, kernel_size=3)),
-    "dinat_isotropic_test_tiny": ("dinat_isotropic_small", dict(_TINY_ISOTROPIC, kernel_size=3)),
-    "vitrpb_test_tiny": ("vitrpb_small", _TINY_ISOTROPIC),
-}
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert_close(what, actual, expected, tol=GOLDEN_ATOL, relative=False)
+
+
 GOLDEN_CASES = [(n, layout) for n in TINY_CHECKPOINTS for layout in LAYOUTS] + [(n, "original") for n in ORIGINAL_ONLY_TINY]
 FILTERS = {"nat_test_tiny": nat, "dinat_test_tiny": nat, "dinat_s_test_tiny": dinat_s,
            "nat_isotropic_test_tiny": isotropic, "dinat_isotropic_test_tiny": isotropic, "vitrpb_test_tiny": isotropic}
 
 
-def _arch_and_kwargs(tiny_model_kwargs, name: str):
-    if name in TINY_CHECKPOINTS:
-        return TINY_CHECKPOINTS[name], tiny_model_kwargs(name)
-    return ORIGINAL_ONLY_TINY[name]
-
-
-def _checkpoint_path(golden, name: str, layout: str):
-    if layout == "transformers":
-        return golden / "hf" / name / "pytorch_model.bin"
-    return golden / "orig" / f"{name}.pth"
-
-
-def _golden_outputs(golden, name: str, layout: str) -> dict:
-    if layout == "transformers":
-        return load_file(golden / "hf" / name / "golden.safetensors")
-    return load_file(golden / "orig" / f"{name}.golden.safetensors")
-
-
-def _create(golden, tiny_model_kwargs, name: str, layout: str, **kwargs) -> torch.nn.Module:
+def _create(name: str, layout: str, **kwargs) -> torch.nn.Module:
     """The public path: timm.create_model(..., pretrained=True) with the checkpoint file as source."""
-    arch, arch_kwargs = _arch_and_kwargs(tiny_model_kwargs, name)
+    arch, arch_kwargs = golden_arch_and_kwargs(name)
     model = timm.create_model(
         arch,
         pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(_checkpoint_path(golden, name, layout)), num_classes=10),
+        pretrained_cfg_overlay=dict(file=str(golden_checkpoint(name, layout)), num_classes=10),
         **{**arch_kwargs, "num_classes": 10, **kwargs},
     )
     return model.eval()
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    diff = max_abs_diff(actual, expected)
-    assert diff <= ATOL, f"{what}: max abs diff {diff:.3e} > {ATOL}"
-
-
 @pytest.mark.parametrize("name, layout", GOLDEN_CASES)
 def test_logits_match_golden(golden, tiny_model_kwargs, name, layout):
-    model = _create(golden, tiny_model_kwargs, name, layout)
-    outputs = _golden_outputs(golden, name, layout)
+    model = _create(name, layout)
+    outputs = golden_outputs(name, layout)
     num_inputs = sum(k.startswith("input") for k in outputs)
     assert num_inputs == (NUM_INPUTS if name in TINY_CHECKPOINTS else 1)
     for j in range(num_inputs):
@@ -90,9 +58,9 @@ def test_logits_match_golden(golden, tiny_model_kwargs, name, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", TINY_CHECKPOINTS)
 def test_features_only_match_golden(golden, tiny_model_kwargs, name, layout):
-    model = _create(golden, tiny_model_kwargs, name, layout, features_only=True)
+    model = _create(name, layout, features_only=True)
     # the original-layout weights are the same as the Hub ones, so the Hub feature maps apply
-    outputs = _golden_outputs(golden, name, "transformers")
+    outputs = golden_outputs(name, "transformers")
     for j in range(NUM_INPUTS):
         with torch.no_grad():
             features = model(outputs[f"input{j}"])
@@ -103,8 +71,8 @@ def test_features_only_match_golden(golden, tiny_model_kwargs, name, layout):
 
 @pytest.mark.parametrize("name", TINY_CHECKPOINTS)
 def test_forward_intermediates_match_golden(golden, tiny_model_kwargs, name):
-    model = _create(golden, tiny_model_kwargs, name, "transformers")
-    outputs = _golden_outputs(golden, name, "transformers")
+    model = _create(name, "transformers")
+    outputs = golden_outputs(name, "transformers")
     for j in range(NUM_INPUTS):
         with torch.no_grad():
             final, intermediates = model.forward_intermediates(outputs[f"input{j}"])
@@ -119,8 +87,8 @@ def test_forward_intermediates_match_golden(golden, tiny_model_kwargs, name):
 def test_hidden_states_match_golden(golden, tiny_model_kwargs, name):
     """transformers' reshaped_hidden_states: normed stem output, then each stage after its
     downsampler (= the input of timm's next stage after its downsample), then the last stage."""
-    model = _create(golden, tiny_model_kwargs, name, "transformers")
-    outputs = _golden_outputs(golden, name, "transformers")
+    model = _create(name, "transformers")
+    outputs = golden_outputs(name, "transformers")
     taps = [model.patch_embed] + [model.stages[s].downsample for s in range(1, NUM_STAGES)] + [model.stages[-1]]
     captured = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out.permute(0, 3, 1, 2))) for m in taps]
@@ -143,7 +111,7 @@ def test_golden_inputs_include_padding_cases(golden, tiny_model_kwargs, name):
     kernel x dilation, so the padding path is what the tests above verified."""
     kwargs = tiny_model_kwargs(name)
     dilations = kwargs.get("dilations") or [[1] * d for d in kwargs["depths"]]
-    outputs = _golden_outputs(golden, name, "transformers")
+    outputs = golden_outputs(name, "transformers")
     padded = False
     for j in range(NUM_INPUTS):
         for s in range(NUM_STAGES):
@@ -156,8 +124,8 @@ def test_golden_inputs_include_padding_cases(golden, tiny_model_kwargs, name):
 # --- ViT-RPB at other resolutions ----------------------------------------------------------------
 
 def test_vitrpb_at_non_native_size_uses_timm_resized_table(golden, tiny_model_kwargs):
-    native = _create(golden, tiny_model_kwargs, "vitrpb_test_tiny", "original")  # 128 input: 8x8 map, 15x15 tables
-    at_160 = _create(golden, tiny_model_kwargs, "vitrpb_test_tiny", "original", img_size=160)  # tables resized on load
+    native = _create("vitrpb_test_tiny", "original")  # 128 input: 8x8 map, 15x15 tables
+    at_160 = _create("vitrpb_test_tiny", "original", img_size=160)  # tables resized on load
     original = torch.load(golden / "orig" / "vitrpb_test_tiny.pth", weights_only=True)
     for i, block in enumerate(at_160.blocks):
         expected = resize_rel_pos_bias_table(
@@ -176,7 +144,7 @@ def test_vitrpb_at_non_native_size_uses_timm_resized_table(golden, tiny_model_kw
 
 @pytest.mark.parametrize("name", FILTERS)
 def test_filter_accepts_every_layout_wrapped_or_not(golden, tiny_model_kwargs, name):
-    model = _create(golden, tiny_model_kwargs, name, "original")
+    model = _create(name, "original")
     expected = model.state_dict()
     original = torch.load(golden / "orig" / f"{name}.pth", weights_only=True)
     sources = [original, {"state_dict": original}, {"model": original}, dict(expected)]  # the last: timm's own
@@ -201,7 +169,7 @@ def test_filter_accepts_every_layout_wrapped_or_not(golden, tiny_model_kwargs, n
      "blocks.1.attn.rpb: checkpoint (4, 7, 7) vs model (4, 5, 5)"),
 ])
 def test_filter_lists_every_bad_key(golden, tiny_model_kwargs, name, key, replacement, expected):
-    arch, kwargs = _arch_and_kwargs(tiny_model_kwargs, name)
+    arch, kwargs = golden_arch_and_kwargs(name)
     model = timm.create_model(arch, num_classes=10, **kwargs)
     checkpoint = torch.load(golden / "orig" / f"{name}.pth", weights_only=True)
     if replacement is None:
@@ -216,8 +184,8 @@ def test_filter_lists_every_bad_key(golden, tiny_model_kwargs, name, key, replac
 @pytest.mark.parametrize("name, layout", [
     ("dinat_test_tiny", "transformers"), ("dinat_s_test_tiny", "original"), ("vitrpb_test_tiny", "original")])
 def test_pretrained_with_another_head_size_reinitialises_only_the_head(golden, tiny_model_kwargs, name, layout):
-    same = _create(golden, tiny_model_kwargs, name, layout)
-    other = _create(golden, tiny_model_kwargs, name, layout, num_classes=5)
+    same = _create(name, layout)
+    other = _create(name, layout, num_classes=5)
     assert other.get_classifier().out_features == 5
     same_state, other_state = same.state_dict(), other.state_dict()
     body = [k for k in same_state if not k.startswith("head.")]
@@ -233,14 +201,14 @@ def test_pretrained_with_other_input_channels_adapts_the_first_conv(golden, tiny
     every family. timm's ``adapt_input_conv`` sums the RGB filters for one channel and repeats them
     scaled by 3/4 for four, so a grey image replicated to RGB, or an RGB image padded with a zero
     channel and scaled by 4/3, gives the 3-channel model's output."""
-    rgb_model = _create(golden, tiny_model_kwargs, name, layout)
-    model = _create(golden, tiny_model_kwargs, name, layout, in_chans=in_chans)
+    rgb_model = _create(name, layout)
+    model = _create(name, layout, in_chans=in_chans)
     first_conv = model.pretrained_cfg["first_conv"] + ".weight"
     rgb_weight = rgb_model.state_dict()[first_conv]
     assert torch.equal(model.state_dict()[first_conv], adapt_input_conv(in_chans, rgb_weight))
     body = [k for k in rgb_model.state_dict() if k != first_conv]
     assert all(torch.equal(model.state_dict()[k], rgb_model.state_dict()[k]) for k in body)
-    rgb = _golden_outputs(golden, name, layout)["input0"]
+    rgb = golden_outputs(name, layout)["input0"]
     if in_chans == 1:
         x = rgb.mean(dim=1, keepdim=True)
         rgb = x.expand(-1, 3, -1, -1)

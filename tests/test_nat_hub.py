@@ -63,6 +63,7 @@ def test_registry_names_the_hub_repo():
     assert_pretrained_cfg_is_registry_entry(model, entry)
 
 
+@pytest.mark.timeout(400)  # its subprocess has 300 s
 def test_pretrained_loads_offline_from_hub_cache(golden, tmp_path):
     checkpoint = _random_transformers_checkpoint(golden)
     _make_hub_cache(tmp_path / "hub", HUB_ID, checkpoint)
@@ -80,6 +81,7 @@ def test_pretrained_loads_offline_from_hub_cache(golden, tmp_path):
     assert max_abs_diff(from_hub, expected) <= 1e-6
 
 
+@pytest.mark.timeout(400)  # its subprocess has 300 s
 def test_pretrained_without_cache_explains_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     result = _run_offline(tmp_path / "empty", tmp_path / "unused.pt")

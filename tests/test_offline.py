@@ -4,6 +4,7 @@ fails (or hangs), and the Hub cache is a temporary folder."""
 import socket
 import threading
 import time
+import urllib.request
 
 import huggingface_hub
 import pytest
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat import _offline
+
+from conftest import golden_arch_and_kwargs
 
 HUB_ID = "shi-labs/dinat-mini-in1k-224"  # the registry's repo for dinat_mini.in1k
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
@@ -116,3 +119,70 @@ def test_offline_loads_the_hub_cached_file_without_retries(no_network, golden, t
     with torch.no_grad():
         diff = (model(golden_outputs["input0"]) - golden_outputs["logits0"]).abs().max().item()
     assert diff <= 1e-4, f"max abs diff vs golden logits {diff:.3e}"
+
+
+# --- URL-hosted weights (DiNAT_s, isotropic, ViT-RPB, 22k): torch hub's checkpoint cache -------------
+
+URL_ARCH = "dinat_s_tiny"  # its registry entry has a shi-labs.com URL and no Hub repo
+
+
+@pytest.fixture
+def no_download(monkeypatch, tmp_path):
+    """An empty torch hub cache of our own; any download attempt fails the test."""
+    def download(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(urllib.request, "urlopen", download)
+    return tmp_path / "torch-home" / "hub" / "checkpoints"
+
+
+def _url_error(**kwargs) -> tuple:
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=f"Could not load pretrained weights for '{URL_ARCH}.in1k'") as info:
+        timm.create_model(URL_ARCH, pretrained=True, **kwargs)
+    return str(info.value), time.perf_counter() - start
+
+
+def test_url_weights_in_hub_offline_mode_fail_fast_without_a_download(no_network, no_download, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message, seconds = _url_error()
+    url = timm.models.get_pretrained_cfg(URL_ARCH).url
+    cached = no_download / url.rsplit("/", 1)[1]
+    assert seconds < FAST_S
+    assert f"offline mode (HF_HUB_OFFLINE is set); not in torch hub's checkpoint cache ({cached} does not exist)" in message
+    assert f"To fix: HF_HUB_OFFLINE is set, so only torch hub's checkpoint cache ({no_download}) was searched" in message
+    assert f"or download {url} elsewhere and copy it to {cached}" in message
+    assert "To fix: or" not in message and "; (" not in message
+    assert no_network == []
+
+
+def test_url_weights_check_the_urls_own_host(no_network, no_download):
+    message, seconds = _url_error()
+    assert seconds < FAST_S
+    assert "no network, shi-labs.com does not resolve" in message and "huggingface.co" not in message
+    assert no_network == ["shi-labs.com"]
+
+
+def test_url_weights_load_from_torch_hubs_cache_offline(no_network, no_download, golden, monkeypatch):
+    """The golden tiny DiNAT_s checkpoint, cached under the entry's file name, loads through the plain
+    ``pretrained=True`` path in offline mode and reproduces the original code's logits."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    url = timm.models.get_pretrained_cfg(URL_ARCH).url
+    no_download.mkdir(parents=True)
+    (no_download / url.rsplit("/", 1)[1]).symlink_to(golden / "orig" / "dinat_s_test_tiny.pth")
+    arch, kwargs = golden_arch_and_kwargs("dinat_s_test_tiny")
+    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(num_classes=10),
+                              num_classes=10, **kwargs).eval()
+    golden_outputs = load_file(golden / "orig" / "dinat_s_test_tiny.golden.safetensors")
+    with torch.no_grad():
+        diff = (model(golden_outputs["input0"]) - golden_outputs["logits0"]).abs().max().item()
+    assert diff <= 1e-4, f"max abs diff vs golden logits {diff:.3e}"
+
+
+def test_missing_local_file_is_named(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    message, _ = _url_error(pretrained_cfg_overlay=dict(file=str(missing)))
+    assert f"from the local file '{missing}': FileNotFoundError: no such file '{missing}'." in message
+    assert "To fix: pass pretrained_cfg_overlay=dict(file=" in message

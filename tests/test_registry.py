@@ -7,18 +7,16 @@ from pathlib import Path
 
 import pytest
 import timm
-from timm.models import model_entrypoint
 
 import timm_nat  # noqa: F401  (registers the models)
-from timm_nat.pretrained import load_registry, registry_entry_name
+from timm_nat.pretrained import load_downstream_registry, load_registry, registry_entry_name
 
-from conftest import assert_pretrained_cfg_is_registry_entry
+from conftest import ARCHITECTURES, assert_pretrained_cfg_is_registry_entry
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_TOOL = REPO / "tools" / "registry_table.py"
 START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
 ENTRIES = load_registry()
-ARCHITECTURES = sorted(m for m in timm.list_models() if model_entrypoint(m).__module__.startswith("timm_nat."))
 
 
 def _readme_table(text: str) -> str:
@@ -87,7 +85,8 @@ def test_pretrained_cfg_is_the_registry_entry(entry):
 
 
 def test_every_registry_checkpoint_is_a_pretrained_tag():
-    assert sorted(registry_entry_name(e) for e in ENTRIES) == sorted(timm.list_pretrained(ARCHITECTURES))
+    every_entry = ENTRIES + load_downstream_registry()
+    assert sorted(registry_entry_name(e) for e in every_entry) == sorted(timm.list_pretrained(ARCHITECTURES))
     assert "dinat_s_large.in22k" in timm.list_pretrained("dinat_s_large*")
 
 

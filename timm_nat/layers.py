@@ -21,7 +21,8 @@ from timm.layers import DropPath, LayerScale, Mlp, resize_rel_pos_bias_table, tr
 from .attention import na2d
 from .attention.functional import int_pair
 
-__all__ = ["QkvAttention2d", "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock"]
+__all__ = ["QkvAttention2d", "NeighborhoodAttention2d", "RelPosGlobalAttention", "NeighborhoodAttentionBlock",
+           "pad_to_window", "global_attention", "rel_pos_bias_table"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -87,6 +88,22 @@ class QkvAttention2d(nn.Module):
         return self.proj_drop(x)
 
 
+def pad_to_window(x: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
+    """Zero-pad an NHWC map on the bottom/right up to ``window_size`` (kernel * dilation) per axis,
+    as NATTEN's module (<= 0.14) and transformers did before the qkv projection."""
+    pad_bottom = max(0, window_size[0] - x.shape[1])
+    pad_right = max(0, window_size[1] - x.shape[2])
+    if pad_bottom or pad_right:
+        x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+    return x
+
+
+# torch.fx: every symbolic tracer records the operator and the runtime padding as single calls
+# (fx.wrap patches these names in this module while tracing; see attention.graph_mode).
+torch.fx.wrap("na2d")
+torch.fx.wrap("pad_to_window")
+
+
 class NeighborhoodAttention2d(QkvAttention2d):
     """2-D (dilated) neighborhood attention with optional relative positional bias (RPB).
 
@@ -145,15 +162,12 @@ class NeighborhoodAttention2d(QkvAttention2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width, _ = x.shape
-        pad_bottom = max(0, self.window_size[0] - height)
-        pad_right = max(0, self.window_size[1] - width)
-        if pad_bottom or pad_right:
-            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-        q, k, v = self.split_qkv(x)
-        x = na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
-        if pad_bottom or pad_right:
-            x = x[:, :height, :width]
-        return self.merge_heads(x)
+        padded = pad_to_window(x, self.window_size)
+        q, k, v = self.split_qkv(padded)
+        out = na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
+        if padded is not x:  # crop the padding off again
+            out = out[:, :height, :width]
+        return self.merge_heads(out)
 
     def extra_repr(self) -> str:
         """Heads, kernel, dilation and whether an RPB table is learnt, for ``repr``."""
@@ -182,6 +196,31 @@ def global_attention_dense(
     q, k, v = (t.reshape(batch, height * width, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     return x.transpose(1, 2).reshape(batch, height, width, heads, head_dim)
+
+
+def rel_pos_bias_table(rpb: torch.Tensor, native_size: Tuple[int, int], feat_size: Tuple[int, int]) -> torch.Tensor:
+    """The bias table ``rpb`` [heads, 2H-1, 2W-1] of a ``native_size`` (H, W) map for an (h, w) map:
+    ``rpb`` itself at the native size, else resized by timm's ``resize_rel_pos_bias_table``."""
+    height, width = feat_size
+    if (height, width) == tuple(native_size):
+        return rpb
+    return resize_rel_pos_bias_table(
+        rpb, new_window_size=(height, width), new_bias_shape=(rpb.shape[0], 2 * height - 1, 2 * width - 1))
+
+
+def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor,
+                     native_size: Tuple[int, int], scale: float) -> torch.Tensor:
+    """Global attention with RPB over [B, H, W, heads, D] maps: ``na2d`` with the whole map as the
+    window, or :func:`global_attention_dense` on maps one row or column wide (``na2d`` needs a
+    kernel >= 2). ``rpb`` is the table of a ``native_size`` map (:func:`rel_pos_bias_table`)."""
+    height, width = q.shape[1], q.shape[2]
+    table = rel_pos_bias_table(rpb, native_size, (height, width))
+    if height >= 2 and width >= 2:
+        return na2d(q, k, v, kernel_size=(height, width), rpb=table, scale=scale)
+    return global_attention_dense(q, k, v, table, scale)
+
+
+torch.fx.wrap("global_attention")
 
 
 class RelPosGlobalAttention(QkvAttention2d):
@@ -235,24 +274,11 @@ class RelPosGlobalAttention(QkvAttention2d):
 
     def rel_pos_bias_table(self, feat_size: Tuple[int, int]) -> torch.Tensor:
         """The bias table for an (h, w) map: ``rpb`` itself at the native size, else resized."""
-        height, width = feat_size
-        if (height, width) == self.feat_size:
-            return self.rpb
-        return resize_rel_pos_bias_table(
-            self.rpb,
-            new_window_size=(height, width),
-            new_bias_shape=(self.num_heads, 2 * height - 1, 2 * width - 1),
-        )
+        return rel_pos_bias_table(self.rpb, self.feat_size, feat_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, height, width, _ = x.shape
         q, k, v = self.split_qkv(x)
-        rel_pos_bias = self.rel_pos_bias_table((height, width))
-        if height >= 2 and width >= 2:
-            x = na2d(q, k, v, kernel_size=(height, width), rpb=rel_pos_bias, scale=self.scale)
-        else:
-            x = global_attention_dense(q, k, v, rel_pos_bias, self.scale)
-        return self.merge_heads(x)
+        return self.merge_heads(global_attention(q, k, v, self.rpb, self.feat_size, self.scale))
 
     def extra_repr(self) -> str:
         """Heads and the native feature map of the bias table, for ``repr``."""

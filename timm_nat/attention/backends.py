@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import graph_mode
 from .reference import exact_where_nonfinite, na2d_reference
 
 __all__ = ["Backend", "Unsupported", "BACKENDS", "preference", "choose"]
@@ -20,7 +21,6 @@ __all__ = ["Backend", "Unsupported", "BACKENDS", "preference", "choose"]
 _logger = logging.getLogger(__name__)
 
 QueryOrDevice = Union[torch.Tensor, torch.device]
-_TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)  # compares with tuples, rc tags included
 
 
 class Unsupported(Exception):
@@ -70,9 +70,9 @@ class CpuFusedBackend(Backend):
         device = _device(query)
         if device.type != "cpu":
             return f"runs on cpu only, not {device}"
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        if graph_mode.is_exporting():
             return "is a custom op that exported graphs (jit.trace, ONNX, torch.export) could not run elsewhere; 'tiled' can"
-        if torch.compiler.is_compiling() and _TORCH_VERSION < (2, 15):
+        if graph_mode.is_compiling() and graph_mode.OLD_DYNAMO:
             return "gives zero gradients under torch.compile before torch 2.15 (seen on 2.11)"
         from . import cpu_fused
         if isinstance(query, torch.Tensor) and query.dtype not in cpu_fused.SUPPORTED_DTYPES:
@@ -96,7 +96,7 @@ class ReferenceBackend(Backend):
 
 def _fused_why_not(query: QueryOrDevice, needs_grad: bool, importable: bool, package: str) -> Optional[str]:
     """Rules flex and NATTEN share: CPU/CUDA only, no CPU backward, no empty inputs, no export."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+    if graph_mode.is_exporting():
         return "cannot be exported (torch.jit.trace, torch.onnx.export, torch.export); 'tiled' can"
     device = _device(query)
     if device.type not in ("cpu", "cuda"):
@@ -130,7 +130,7 @@ class FlexBackend(Backend):
 
     def run(self, query, key, value, kernel_size, dilation, rpb, scale):
         from .flex import na2d_flex
-        if torch.compiler.is_compiling():
+        if graph_mode.is_compiling():
             return na2d_flex(query, key, value, kernel_size, dilation, rpb, scale)
         shape = (tuple(query.shape), query.dtype, query.device.type, tuple(kernel_size), tuple(dilation),
                  rpb is not None, torch.is_grad_enabled())
@@ -175,12 +175,13 @@ class NattenBackend(Backend):
 
 
 def natten_importable() -> bool:
-    """Whether NATTEN can be imported (it is optional; timm_nat.compat's stand-in does not count)."""
+    """Whether NATTEN is installed and importable (it is optional). A stand-in module registered in
+    ``sys.modules`` without a file (a legacy-API shim) has no kernels and does not count."""
     try:
         import natten
     except ImportError:
         return False
-    return not getattr(natten, "__timm_nat_shim__", False)
+    return getattr(natten, "__file__", None) is not None
 
 
 def flex_importable() -> bool:

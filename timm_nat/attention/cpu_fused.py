@@ -12,9 +12,10 @@ so the package installs without a compiler. The build directory under ``$TORCH_E
 (default ``~/.cache/torch_extensions``) is named by a hash of the source, the flags, the compiler
 and torch: each kernel source builds once per torch (one WARNING line says so) and is then loaded
 directly, also from a read-only directory. Where it cannot be built or loaded, :func:`is_available`
-is False (logged once) and ``tiled`` stays the CPU backend. Computation is in float32 (float64 for
-float64 inputs); bf16/fp16 inputs are widened on the way in and the result rounded once on the way
-out. Second-order gradients (``create_graph=True``) are exact: that backward recomputes with the
+is False (logged once) and ``tiled`` stays the CPU backend. bf16/fp16 q, k, v (and gradients) are
+read and written in their own dtype and computed in float32 (float64 for float64 inputs): each
+output element is rounded once; the logsumexp is kept in the compute dtype, and rpb may be
+float32 (an autocast model's parameter) or the inputs' dtype. Second-order gradients (``create_graph=True``) are exact: that backward recomputes with the
 differentiable gather reference (:func:`.reference.na2d_reference`), which needs
 ``O(tokens * kh * kw * head_dim)`` memory.
 """
@@ -53,7 +54,7 @@ _ISA_FLAGS = {
 _SCHEMAS = (
     "forward(Tensor query, Tensor key, Tensor value, Tensor? rpb, int[] kernel_size, int[] dilation, float scale) "
     "-> (Tensor, Tensor)",
-    "backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, Tensor? rpb, "
+    "backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor? rpb, "
     "int[] kernel_size, int[] dilation, float scale, bool rpb_grad) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 _library: Optional[torch.library.Library] = None  # kept alive: dropping it would remove the ops
@@ -121,10 +122,10 @@ def _define_library() -> None:
 
     @torch.library.register_fake("timm_nat_na2d::forward", lib=library)
     def _forward_fake(query, key, value, rpb, kernel_size, dilation, scale):
-        return query.new_empty(query.shape), query.new_empty(query.shape[:4])
+        return query.new_empty(query.shape), query.new_empty(query.shape[:4], dtype=_compute_dtype(query.dtype))
 
     @torch.library.register_fake("timm_nat_na2d::backward", lib=library)
-    def _backward_fake(grad_out, query, key, value, out, lse, rpb, kernel_size, dilation, scale, rpb_grad):
+    def _backward_fake(grad_out, query, key, value, lse, rpb, kernel_size, dilation, scale, rpb_grad):
         drpb = rpb.new_empty(rpb.shape) if rpb is not None and rpb_grad else query.new_empty(0)
         return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), drpb
 
@@ -210,8 +211,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _bias_table(rpb: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """rpb as the kernel takes it: float32 or the query's dtype as it is (no copy: under autocast
+    the parameter stays float32), any other dtype cast to the compute dtype (a small table)."""
+    if rpb is None or rpb.dtype in (torch.float32, dtype):
+        return rpb
+    return rpb.to(_compute_dtype(dtype))
+
+
 class _FusedNA2D(torch.autograd.Function):
-    """Autograd for the fused kernel: saves the inputs, the (compute dtype) output and the logsumexp.
+    """Autograd for the fused kernel: saves the inputs and the (compute dtype) logsumexp; q, k, v,
+    the output and the gradients stay in the inputs' dtype (no widened copies).
 
     The backward is the fused kernel; under ``create_graph=True`` (grad mode on in backward) it is
     recomputed with differentiable formulas instead, so that second-order gradients are exact.
@@ -219,29 +229,23 @@ class _FusedNA2D(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, rpb, kernel_size, dilation, scale):
-        compute = _compute_dtype(query.dtype)
-        q, k, v = (t.to(compute) for t in (query, key, value))
-        table = rpb.to(compute) if rpb is not None else None
-        out, lse = torch.ops.timm_nat_na2d.forward(q, k, v, table, list(kernel_size), list(dilation), float(scale))
-        # the inputs themselves (not their compute-dtype copies): a double backward differentiates through them
-        ctx.save_for_backward(query, key, value, rpb, out, lse)
+        out, lse = torch.ops.timm_nat_na2d.forward(query, key, value, _bias_table(rpb, query.dtype),
+                                                   list(kernel_size), list(dilation), float(scale))
+        ctx.save_for_backward(query, key, value, rpb, lse)
         ctx.config = (list(kernel_size), list(dilation), float(scale))
-        return out.to(query.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, rpb, out, lse = ctx.saved_tensors
+        query, key, value, rpb, lse = ctx.saved_tensors
         kernel_size, dilation, scale = ctx.config
         if torch.is_grad_enabled():
             return (*_differentiable_grads(ctx, grad_out, query, key, value, rpb), None, None, None)
-        compute = _compute_dtype(query.dtype)
-        q, k, v = (t.to(compute) for t in (query, key, value))
-        table = rpb.to(compute) if rpb is not None else None
         rpb_grad = rpb is not None and ctx.needs_input_grad[3]
         dq, dk, dv, drpb = torch.ops.timm_nat_na2d.backward(
-            grad_out.to(compute), q, k, v, out, lse, table, kernel_size, dilation, scale, rpb_grad)
-        dtype = query.dtype
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), drpb.to(rpb.dtype) if rpb_grad else None, None, None, None
+            grad_out.to(query.dtype), query, key, value, lse, _bias_table(rpb, query.dtype), kernel_size, dilation,
+            scale, rpb_grad)
+        return dq, dk, dv, drpb.to(rpb.dtype) if rpb_grad else None, None, None, None
 
 
 def _differentiable_grads(ctx, grad_out, query, key, value, rpb) -> list[Optional[torch.Tensor]]:

@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from . import graph_mode
 from .reference import _all_finite, na2d_reference
 from .windows import neighborhood_1d
 
@@ -258,7 +259,7 @@ def na2d_flex(query, key, value, kernel_size, dilation, rpb, scale, compile=True
     spread a NaN value to every query of the blocks around it. Inside a caller's
     ``torch.compile`` graph that check is skipped (it would break the graph).
     """
-    compiling = torch.compiler.is_compiling()
+    compiling = graph_mode.is_compiling()
     if not compiling and not _all_finite(*(t for t in (query, key, value, rpb) if t is not None)):
         return na2d_reference(query, key, value, tuple(kernel_size), tuple(dilation), rpb, scale)
     b, height, width, heads, dim = query.shape

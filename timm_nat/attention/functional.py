@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from . import backends
+from . import backends, graph_mode
 
 __all__ = ["na2d", "use_backend", "available_backends", "select_backend", "BACKEND_ENV_VAR"]
 
@@ -57,7 +57,7 @@ def int_pair(name: str, value: IntOrPair, minimum: int) -> tuple[int, int]:
     Raises ``TypeError`` / ``ValueError`` naming ``name`` and the value (the operator, the
     layers at build time and the legacy API all check their window arguments with it).
     """
-    if torch.jit.is_tracing():
+    if graph_mode.is_jit_tracing():
         value = _traced_value(value)
     pair = (value, value) if isinstance(value, numbers.Integral) else value
     if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
@@ -214,7 +214,7 @@ def na2d(
         raise RuntimeError("na2d is not scriptable (torch.jit.script): use torch.jit.trace, torch.export, "
                            "torch.onnx.export or torch.compile")
     else:
-        if torch.jit.is_tracing():  # sizes read as constants here are intended: see tiled._traced_size_guard
+        if graph_mode.is_jit_tracing():  # sizes read as constants here are intended: see tiled._traced_size_guard
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 return _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend)
@@ -241,7 +241,7 @@ def _na2d(query, key, value, kernel_size, dilation, rpb, scale, backend) -> torc
 
 
 def _log_once(name: str, device_type: str, has_rpb: bool, reason: str = "") -> None:
-    if torch.compiler.is_compiling():  # logging would break a fullgraph trace; eager calls log
+    if graph_mode.is_compiling():  # logging would break a fullgraph trace; eager calls log
         return
     choice = (name, device_type, has_rpb, reason)
     if choice not in _logged_choices:

@@ -6,9 +6,10 @@ from typing import Callable, Optional
 
 import torch
 
+from .graph_mode import is_compiling
 from .windows import neighborhood_1d
 
-__all__ = ["na2d_reference", "na2d_reference_at", "exact_where_nonfinite"]
+__all__ = ["na2d_reference", "na2d_reference_at", "exact_where_nonfinite", "holds_nonfinite"]
 
 
 def na2d_reference(
@@ -55,18 +56,27 @@ def exact_where_nonfinite(compute: Callable[..., torch.Tensor], query, key, valu
     semantics for non-finite inputs even where ``compute`` attends to dense tiles or blocks.
 
     Dense kernels also touch keys outside a query's window (masked with -inf, weighted 0), and
-    ``NaN - inf`` and ``0 * NaN`` are NaN: one NaN would spoil a whole tile. So when q, k or v
-    holds a NaN/Inf, ``compute`` runs on zeroed copies and the queries whose output depends on
-    one (their own q, or a k/v in their window) are recomputed by :func:`na2d_reference_at`.
-    The all-finite check is one sum per tensor; it is skipped on meta tensors and while
-    ``torch.compile`` traces (a data-dependent branch would break the graph).
+    ``NaN - inf`` and ``0 * NaN`` are NaN: one NaN would spoil a whole tile, and a row whose every
+    logit is -inf (an RPB of -inf) would count as fully masked, 0 instead of NaN. So when q, k, v
+    or rpb holds a NaN/Inf, ``compute`` runs on zeroed copies and the queries whose output depends
+    on one (their own q, a k/v in their window, an RPB entry their window uses) are recomputed by
+    :func:`na2d_reference_at`. The check is one sum per tensor; it is skipped on meta tensors and
+    while ``torch.compile`` traces (a data-dependent branch would break the graph).
     """
-    if query.device.type == "meta" or torch.compiler.is_compiling() or _all_finite(query, key, value):
+    if not holds_nonfinite(*(t for t in (query, key, value, rpb) if t is not None)):
         return compute(query, key, value, kernel_size, dilation, rpb, scale)
-    index = _queries_seeing_nonfinite(query, key, value, kernel_size, dilation)
-    zeroed = (t.nan_to_num(0.0, 0.0, 0.0) for t in (query, key, value))
-    out = compute(*zeroed, kernel_size, dilation, rpb, scale)
+    index = _queries_seeing_nonfinite(query, key, value, kernel_size, dilation, rpb)
+    query_, key_, value_, rpb_ = (t if t is None else t.nan_to_num(0.0, 0.0, 0.0) for t in (query, key, value, rpb))
+    out = compute(query_, key_, value_, kernel_size, dilation, rpb_, scale)
     return out.index_put(index, na2d_reference_at(query, key, value, kernel_size, dilation, rpb, scale, index))
+
+
+def holds_nonfinite(*tensors: torch.Tensor) -> bool:
+    """Whether an element of ``tensors`` is NaN or Inf, checked eagerly; False on meta tensors and
+    while ``torch.compile`` traces (a data-dependent branch would break the graph)."""
+    if tensors[0].device.type == "meta" or is_compiling():
+        return False
+    return not _all_finite(*tensors)
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:
@@ -77,11 +87,16 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
         return bool(torch.isfinite(total))
 
 
-def _queries_seeing_nonfinite(query, key, value, kernel_size, dilation) -> tuple[torch.Tensor, ...]:
-    """``(batch, row, col, head)`` of every query whose q, or a k or v in its window, is non-finite."""
+def _queries_seeing_nonfinite(query, key, value, kernel_size, dilation, rpb=None) -> tuple[torch.Tensor, ...]:
+    """``(batch, row, col, head)`` of every query whose q, a k or v in its window, or an RPB entry
+    its window uses, is non-finite."""
     with torch.no_grad():
         bad_key = ~(key.isfinite().all(-1) & value.isfinite().all(-1))  # [batch, H, W, heads]
-        rows, _ = neighborhood_1d(query.shape[1], kernel_size[0], dilation[0], query.device)
-        cols, _ = neighborhood_1d(query.shape[2], kernel_size[1], dilation[1], query.device)
+        rows, row_bias = neighborhood_1d(query.shape[1], kernel_size[0], dilation[0], query.device)
+        cols, col_bias = neighborhood_1d(query.shape[2], kernel_size[1], dilation[1], query.device)
         sees_bad = bad_key[:, rows[:, None, :, None], cols[None, :, None, :]].flatten(3, 4).any(3)
-        return (sees_bad | ~query.isfinite().all(-1)).nonzero(as_tuple=True)
+        sees_bad |= ~query.isfinite().all(-1)
+        if rpb is not None:  # [heads, H, W, kh, kw] -> [H, W, heads]
+            bad_bias = ~rpb.isfinite()[:, row_bias[:, None, :, None], col_bias[None, :, None, :]]
+            sees_bad |= bad_bias.flatten(3, 4).any(3).permute(1, 2, 0)
+        return sees_bad.nonzero(as_tuple=True)

@@ -5,24 +5,18 @@ Layout as the legacy kernels took it: ``[batch, heads, height, width, dim]``; at
 is *not* scaled inside ``natten2dqkrpb`` (callers scale it first, as NATTEN's own module and
 transformers' ``DinatSelfAttention`` did).
 
-How it runs on CPU: each axis is split into dilation groups and each group into tiles of
-``T`` queries, whose windows all lie in a halo of at most ``T + K - 1`` keys of that group.
-``qk`` multiplies every query tile with its key halo (one batched matmul) and picks each query's
-``K*K`` window entries out of the dense tile scores; ``av`` scatters the weights into a dense
-(zero elsewhere) tile and multiplies it with the value halo. Keys and values are gathered about
-``((T + K - 1) / T)**2`` times instead of ``K*K`` times, and everything is plain differentiable
-torch ops, so autograd covers query, key, rpb, attention and value.
+The computation (and its autograd) is :mod:`timm_nat.attention.unfused`, on the query tiles of
+:mod:`timm_nat.attention.tiling`; this module holds the legacy names, signatures and checks.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from ..attention.functional import int_pair
-from ..attention.windows import neighborhood_1d
+from ..attention.unfused import window_logits, window_sum
 
 __all__ = [
     "natten2dqkrpb", "natten2dqk", "natten2dav", "natten1dqkrpb", "natten1dqk", "natten1dav",
@@ -30,102 +24,6 @@ __all__ = [
 ]
 
 IntOrPair = Union[int, tuple[int, int]]
-
-
-class AxisTiles(NamedTuple):
-    """Tiling of one axis; positions in original (un-dilated) coordinates."""
-    query: torch.Tensor        # [tiles, T]: query position of each slot (short tiles repeat their last)
-    halo: torch.Tensor         # [tiles, Hk]: key position of each halo slot (padding repeats the group's last)
-    window_slot: torch.Tensor  # [tiles, T, K]: halo slot of each window neighbour
-    tile_of: torch.Tensor      # [length]: tile of each position's query
-    slot_of: torch.Tensor      # [length]: its slot in that tile
-
-
-def _tile_size(length: int, kernel_size: int, dilation: int) -> int:
-    """Queries per tile: fewest (padded queries x halo) score entries, plus a per-tile overhead
-    worth 32 entries (small batched matmuls are slower per entry). Tiles of 4 to 8 queries measured
-    within 10% of each other at NAT-Mini's stage shapes on CPU."""
-    n = -(-length // dilation)  # longest dilation group
-    costs = {t: dilation * -(-n // t) * (t * min(t + kernel_size - 1, n) + 32) for t in range(1, min(n, 16) + 1)}
-    return min(costs, key=costs.get)
-
-
-def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int) -> AxisTiles:
-    keys, _ = neighborhood_1d(length, kernel_size, dilation)
-    tile_of = torch.empty(length, dtype=torch.long)
-    slot_of = torch.empty(length, dtype=torch.long)
-    queries, halo_starts, spans = [], [], []
-    for group in range(dilation):
-        members = torch.arange(group, length, dilation)
-        for first in range(0, len(members), tile):
-            q = members[first:first + tile]
-            tile_of[q], slot_of[q] = len(queries), torch.arange(len(q))
-            queries.append(torch.cat([q, q[-1:].expand(tile - len(q))]))
-            halo_starts.append(keys[q[0], 0].item())
-            spans.append((keys[q[-1], -1].item() - halo_starts[-1]) // dilation + 1)
-    query = torch.stack(queries)
-    start = torch.tensor(halo_starts)[:, None]
-    group = query[:, :1] % dilation
-    group_last = group + dilation * ((length - 1 - group) // dilation)
-    halo = torch.minimum(start + dilation * torch.arange(max(spans)), group_last)
-    window_slot = (keys[query] - start[:, :, None]) // dilation
-    return AxisTiles(query, halo, window_slot, tile_of, slot_of)
-
-
-class GridPlan(NamedTuple):
-    """Both axes combined, flat indices, tiles in row-major (row tile, column tile) order."""
-    query_index: torch.Tensor   # [tiles * Tr * Tc]: position (row * width + col) of each query slot
-    halo_index: torch.Tensor    # [tiles * Hr * Hc]: position of each halo key
-    window_index: torch.Tensor  # [H * W * Kr * Kc]: flat index into the tiles' dense scores
-    output_index: torch.Tensor  # [H * W]: query slot holding each position
-    tile_shape: tuple           # (tiles, Tr * Tc, Hr * Hc)
-
-
-@functools.lru_cache(maxsize=128)
-def _grid_plan(height: int, width: int, kernel_size: tuple, dilation: tuple) -> GridPlan:
-    # Cached tensors must be normal CPU tensors even if first built under inference_mode or a
-    # default-device context (``with torch.device("meta")``).
-    with torch.inference_mode(False), torch.device("cpu"):
-        rows = _axis_tiles(height, kernel_size[0], dilation[0], _tile_size(height, kernel_size[0], dilation[0]))
-        cols = _axis_tiles(width, kernel_size[1], dilation[1], _tile_size(width, kernel_size[1], dilation[1]))
-        tiles_r, tile_r, halo_r = rows.halo.shape[0], rows.query.shape[1], rows.halo.shape[1]
-        tiles_c, tile_c, halo_c = cols.halo.shape[0], cols.query.shape[1], cols.halo.shape[1]
-
-        query_index = rows.query[:, None, :, None] * width + cols.query[None, :, None, :]
-        halo_index = rows.halo[:, None, :, None] * width + cols.halo[None, :, None, :]
-        # slot of each position's query: ((tile_r * tiles_c + tile_c) * Tr + slot_r) * Tc + slot_c
-        slot = (((rows.tile_of[:, None] * tiles_c + cols.tile_of[None, :]) * tile_r + rows.slot_of[:, None]) * tile_c
-                + cols.slot_of[None, :])                                                      # [H, W]
-        row_halo = rows.window_slot[rows.tile_of, rows.slot_of]                               # [H, Kr]
-        col_halo = cols.window_slot[cols.tile_of, cols.slot_of]                               # [W, Kc]
-        halo_slot = row_halo[:, None, :, None] * halo_c + col_halo[None, :, None, :]          # [H, W, Kr, Kc]
-        window_index = slot[:, :, None, None] * (halo_r * halo_c) + halo_slot
-        return GridPlan(query_index.reshape(-1), halo_index.reshape(-1), window_index.reshape(-1),
-                        slot.reshape(-1), (tiles_r * tiles_c, tile_r * tile_c, halo_r * halo_c))
-
-
-@functools.lru_cache(maxsize=128)
-def _bias_index(height: int, width: int, kernel_size: tuple, dilation: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """RPB row and column index of every (query, neighbour): two [H, W, Kr*Kc] tensors."""
-    with torch.inference_mode(False):
-        _, row_bias = neighborhood_1d(height, kernel_size[0], dilation[0])
-        _, col_bias = neighborhood_1d(width, kernel_size[1], dilation[1])
-        shape = (height, width, kernel_size[0], kernel_size[1])
-        rows = row_bias[:, None, :, None].expand(shape).reshape(height, width, -1)
-        cols = col_bias[None, :, None, :].expand(shape).reshape(height, width, -1)
-        return rows, cols
-
-
-def _plan_on(plan: GridPlan, device: torch.device) -> GridPlan:
-    if device.type == "cpu":
-        return plan
-    return GridPlan(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in plan))
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """[B, heads, H, W, C] -> contiguous [B * heads, H * W, C] (row gathers from strided views are slow)."""
-    b, n, h, w, c = x.shape
-    return x.reshape(b * n, h * w, c).contiguous()
 
 
 def _check_map(name: str, x: torch.Tensor, kernel_size, dilation, minimum_kernel: int = 2):
@@ -144,118 +42,6 @@ def _check_map(name: str, x: torch.Tensor, kernel_size, dilation, minimum_kernel
             raise ValueError(f"{name} {axis} {size} is smaller than kernel_size * dilation = {k} * {d} = {k * d} "
                              "(legacy NATTEN refused such maps too; pad the feature map first)")
     return kernel_size, dilation
-
-
-# Dense tile scores are processed in chunks of (batch * heads) rows of about this many bytes:
-# small buffers stay in cache and glibc reuses them, while one large buffer is unmapped and
-# page-faulted anew on every call (measured at NAT-Mini stage 1: 100 ms unchunked, 49 ms in 2 MB chunks).
-_CHUNK_BYTES = 2 * 2**20
-
-
-def _row_chunks(plan: GridPlan, rows: int, element_size: int):
-    tiles, tile_len, halo_len = plan.tile_shape
-    step = max(1, _CHUNK_BYTES // (tiles * tile_len * halo_len * element_size))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
-# The three tile products. ``a``/``b`` are [rows, H*W, C] maps, ``w`` [rows, H*W, Kr*Kc] window
-# weights; every op of both legacy functions and of their gradients is one of these.
-
-def _window_scores(plan: GridPlan, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``w[p, n] = a[p] . b[neighbour n of p]``: [rows, H*W, Kr*Kc]."""
-    tiles, tile_len, halo_len = plan.tile_shape
-    out = a.new_empty(a.shape[0], plan.window_index.numel())
-    for rows in _row_chunks(plan, a.shape[0], a.element_size()):
-        a_tiles = a[rows].index_select(1, plan.query_index).view(-1, tile_len, a.shape[-1])
-        b_halo = b[rows].index_select(1, plan.halo_index).view(-1, halo_len, b.shape[-1])
-        scores = torch.bmm(a_tiles, b_halo.transpose(1, 2)).view(rows.stop - rows.start, -1)
-        torch.index_select(scores, 1, plan.window_index, out=out[rows])
-    return out.view(a.shape[0], a.shape[1], -1)
-
-
-def _dense_weights(plan: GridPlan, w: torch.Tensor) -> torch.Tensor:
-    """Window weights [rows, H*W, Kr*Kc] as dense tile matrices [rows * tiles, T, Hk], zero outside windows."""
-    tiles, tile_len, halo_len = plan.tile_shape
-    dense = w.new_zeros(w.shape[0], tiles * tile_len * halo_len)
-    dense.index_copy_(1, plan.window_index, w.reshape(w.shape[0], -1))
-    return dense.view(-1, tile_len, halo_len)
-
-
-def _apply_weights(plan: GridPlan, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out[p] = sum_n w[p, n] * b[neighbour n of p]``: [rows, H*W, C]."""
-    tiles, tile_len, halo_len = plan.tile_shape
-    out = b.new_empty(b.shape)
-    for rows in _row_chunks(plan, b.shape[0], b.element_size()):
-        b_halo = b[rows].index_select(1, plan.halo_index).view(-1, halo_len, b.shape[-1])
-        tile_out = torch.bmm(_dense_weights(plan, w[rows]), b_halo).view(rows.stop - rows.start, -1, b.shape[-1])
-        torch.index_select(tile_out, 1, plan.output_index, out=out[rows])
-    return out
-
-
-def _scatter_weights(plan: GridPlan, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``out[m] = sum over (p, n) with neighbour n of p == m of w[p, n] * a[p]``: [rows, H*W, C]."""
-    tiles, tile_len, halo_len = plan.tile_shape
-    out = a.new_zeros(a.shape)
-    for rows in _row_chunks(plan, a.shape[0], a.element_size()):
-        a_tiles = a[rows].index_select(1, plan.query_index).view(-1, tile_len, a.shape[-1])
-        halo_out = torch.bmm(_dense_weights(plan, w[rows]).transpose(1, 2), a_tiles)
-        out[rows].index_add_(1, plan.halo_index, halo_out.view(rows.stop - rows.start, -1, a.shape[-1]))
-    return out
-
-
-class _QueryKey(torch.autograd.Function):
-    """[rows, H*W, D] query and key -> [rows, H*W, Kr*Kc] logits (no bias, no scale)."""
-
-    @staticmethod
-    def forward(ctx, plan, query, key):
-        ctx.plan = plan
-        ctx.save_for_backward(query, key)
-        return _window_scores(plan, query, key)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logits):
-        query, key = ctx.saved_tensors
-        grad_logits = grad_logits.contiguous()
-        grad_query = _apply_weights(ctx.plan, grad_logits, key) if ctx.needs_input_grad[1] else None
-        grad_key = _scatter_weights(ctx.plan, grad_logits, query) if ctx.needs_input_grad[2] else None
-        return None, grad_query, grad_key
-
-
-class _AttnValue(torch.autograd.Function):
-    """[rows, H*W, Kr*Kc] weights and [rows, H*W, D] value -> [rows, H*W, D]."""
-
-    @staticmethod
-    def forward(ctx, plan, attn, value):
-        ctx.plan = plan
-        ctx.save_for_backward(attn, value)
-        return _apply_weights(plan, attn, value)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        attn, value = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_attn = _window_scores(ctx.plan, grad_out, value) if ctx.needs_input_grad[1] else None
-        grad_value = _scatter_weights(ctx.plan, attn, grad_out) if ctx.needs_input_grad[2] else None
-        return None, grad_attn, grad_value
-
-
-def _qk(query, key, rpb, kernel_size, dilation):
-    batch, heads, height, width, dim = query.shape
-    plan = _plan_on(_grid_plan(height, width, kernel_size, dilation), query.device)
-    logits = _QueryKey.apply(plan, _flat(query), _flat(key)).view(batch, heads, height, width, -1)
-    if rpb is not None:
-        row_bias, col_bias = (t.to(query.device) for t in _bias_index(height, width, kernel_size, dilation))
-        logits = logits + rpb.to(logits.dtype)[:, row_bias, col_bias]
-    return logits
-
-
-def _av(attn, value, kernel_size, dilation):
-    batch, heads, height, width, dim = value.shape
-    plan = _plan_on(_grid_plan(height, width, kernel_size, dilation), value.device)
-    weights = attn.to(value.dtype).reshape(batch * heads, height * width, -1)
-    return _AttnValue.apply(plan, weights, _flat(value)).view(batch, heads, height, width, dim)
 
 
 def na2d_qk(
@@ -291,7 +77,7 @@ def na2d_qk(
         if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != expected:
             got = tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else type(rpb).__name__
             raise ValueError(f"rpb must have shape [heads, 2*kh-1, 2*kw-1] = {list(expected)}, got {got}")
-    return _qk(query, key, rpb, kernel_size, dilation)
+    return window_logits(query, key, rpb, kernel_size, dilation)
 
 
 def na2d_av(
@@ -319,7 +105,7 @@ def na2d_av(
     if not isinstance(attn, torch.Tensor) or tuple(attn.shape) != expected:
         got = tuple(attn.shape) if isinstance(attn, torch.Tensor) else type(attn).__name__
         raise ValueError(f"attn must have shape [batch, heads, height, width, kh*kw] = {list(expected)}, got {got}")
-    return _av(attn, value, kernel_size, dilation)
+    return window_sum(attn, value, kernel_size, dilation)
 
 
 def _refuse_extensions(extra, is_causal, extra_name):
@@ -405,7 +191,8 @@ def na1d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size, dilation=1, add
     if query.shape != key.shape:
         raise ValueError(f"key must be shaped like query {tuple(query.shape)}, got {tuple(key.shape)}")
     _check_map("query", query.unsqueeze(2), (1, kernel), (1, dil), minimum_kernel=1)
-    logits = _qk(query.unsqueeze(2), key.unsqueeze(2), None if rpb is None else rpb.unsqueeze(1), (1, kernel), (1, dil))
+    rpb = None if rpb is None else rpb.unsqueeze(1)
+    logits = window_logits(query.unsqueeze(2), key.unsqueeze(2), rpb, (1, kernel), (1, dil))
     return logits.squeeze(2)
 
 
@@ -421,7 +208,7 @@ def na1d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size, dilation=1, ad
         got = tuple(attn.shape) if isinstance(attn, torch.Tensor) else type(attn).__name__
         raise ValueError(f"attn must have shape [batch, heads, length, K] = {[*value.shape[:3], kernel]}, got {got}")
     _check_map("value", value.unsqueeze(2), (1, kernel), (1, dil), minimum_kernel=1)
-    return _av(attn.unsqueeze(2), value.unsqueeze(2), (1, kernel), (1, dil)).squeeze(2)
+    return window_sum(attn.unsqueeze(2), value.unsqueeze(2), (1, kernel), (1, dil)).squeeze(2)
 
 
 def natten1dqkrpb(query: torch.Tensor, key: torch.Tensor, rpb: Optional[torch.Tensor], kernel_size: int,

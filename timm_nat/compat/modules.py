@@ -5,25 +5,15 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 
 from ..attention import na2d
+from ..layers import pad_to_window
 from .functional import natten2dav, natten2dqkrpb
 
 __all__ = ["NeighborhoodAttention2D", "pad_to_window"]
 
 IntOrPair = Union[int, tuple[int, int]]
-
-
-def pad_to_window(x: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad an NHWC map on the bottom/right up to ``window_size`` (kernel * dilation) per axis,
-    as NATTEN's module (<= 0.14) and transformers did before the qkv projection."""
-    pad_bottom = max(0, window_size[0] - x.shape[1])
-    pad_right = max(0, window_size[1] - x.shape[2])
-    if pad_bottom or pad_right:
-        x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-    return x
 
 
 class NeighborhoodAttention2D(nn.Module):

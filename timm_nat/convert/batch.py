@@ -2,7 +2,8 @@
 
 An entry whose downloads all fail is still checked: the architecture is built, its parameter
 count compared with the published one, and one forward pass with random weights run at the
-entry's real input size. ``OUTPUT_DIR/report.md`` and ``OUTPUT_DIR/report.json`` record every
+entry's real input size (detection / segmentation backbones: their exact backbone parameter count,
+and the forward at ``BACKBONE_CHECK_SIZE``, see there). ``OUTPUT_DIR/report.md`` and ``OUTPUT_DIR/report.json`` record every
 entry, what was verified, what could not be downloaded and why, and the exact commands that
 finish the job with network or with the files at hand.
 """
@@ -15,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..pretrained import load_registry, registry_entry_name
-from .conversion import convert, uninitialized_model
+from ..pretrained import load_downstream_registry, load_registry, registry_entry_name
+from .conversion import convert, model_outputs, uninitialized_model
 from .errors import ConversionError, DownloadError, log, one_line
 from .output import PROG, check_output
 from .sources import Downloader, TRANSFORMERS_WEIGHTS, resolve_source, url_basename
@@ -29,6 +30,11 @@ _REPORT_TITLE = f'# {PROG} --all report'
 # Published parameter counts are whole millions, to 2-3 significant figures and not always rounded
 # (200M for 200.9M and 201.1M, 86M for 86.6M, 28M for 28.3M): allow 1M or 1%, whichever is larger.
 PARAMS_TOL_M, PARAMS_RTOL = 1.0, 0.01
+# Forward check of the 45 detection / segmentation backbones (up to 200M parameters, test sizes up to
+# 1024x2048): their task size would take many minutes on CI's two cores, so they run at this reduced
+# size, at which every entry's attention sees maps smaller than kernel x dilation (the last stage's
+# 6x8 map at least; the padded path their task sizes also take); the report says so.
+BACKBONE_CHECK_SIZE = (3, 192, 256)
 
 
 @dataclasses.dataclass
@@ -55,15 +61,20 @@ class EntryReport:
 
 
 def _params_check(num_params: int, num_classes: int, entry: Dict[str, Any]) -> Tuple[str, bool]:
-    """Parameter count against the published one (see PARAMS_TOL_M) and classes against the registry."""
+    """Parameter count against the published one (see PARAMS_TOL_M; a backbone's computed count exactly)
+    and classes against the registry."""
     ok, text = True, f"{num_params / 1e6:.2f}M"
-    if 'params_m' in entry:
+    if 'backbone_params' in entry:
+        matches = num_params == entry['backbone_params']
+        ok &= matches
+        text = f"{num_params:,} {'==' if matches else '!='} {entry['backbone_params']:,} backbone (computed)"
+    elif 'params_m' in entry:
         matches = abs(num_params / 1e6 - entry['params_m']) <= max(PARAMS_TOL_M, PARAMS_RTOL * entry['params_m'])
         ok &= matches
         text += f" {'~' if matches else '!='} {entry['params_m']:g}M published"
     else:
         text += ' (none published)'
-    if num_classes != entry['num_classes']:
+    if num_classes != entry.get('num_classes', 0):
         ok, text = False, text + f", {num_classes} classes != registry {entry['num_classes']}"
     return ('yes ' if ok else 'NO ') + text, ok
 
@@ -81,32 +92,43 @@ def _random_model(name: str, num_classes: int) -> torch.nn.Module:
 def _offline_check(entry: Dict[str, Any], report: EntryReport) -> bool:
     """What can be checked without the weights: build, parameter count, classes, one random forward
     at the entry's input size."""
-    model = _random_model(registry_entry_name(entry), entry['num_classes'])
+    backbone = 'task' in entry
+    model = _random_model(registry_entry_name(entry), entry.get('num_classes', 0))
     num_classes = model.pretrained_cfg['num_classes']  # what timm will load for this tag
     num_params = sum(p.numel() for p in model.parameters())
     report.params, params_ok = _params_check(num_params, num_classes, entry)
-    input_size = tuple(entry['input_size'])
+    input_size = BACKBONE_CHECK_SIZE if backbone else tuple(entry['input_size'])
     inputs = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # not inference_mode: cached attention plans must stay usable for training
-        output = model(inputs)
-    forward_ok = tuple(output.shape) == (1, entry['num_classes']) and bool(torch.isfinite(output).all())
+        outputs = model_outputs(model, inputs)
+    if backbone:  # four maps, strides 4 to 32, the stage widths
+        expected = [(1, info['num_chs'], -(-input_size[1] // info['reduction']), -(-input_size[2] // info['reduction']))
+                    for info in model.feature_info]
+    else:
+        expected = [(1, entry['num_classes'])]
+    finite = all(bool(torch.isfinite(o).all()) for o in outputs)
+    forward_ok = [tuple(o.shape) for o in outputs] == expected and finite
+    shapes = [list(o.shape) for o in outputs]
     report.checks = dict(
         built=True, num_params=num_params, params_published_m=entry.get('params_m'), params_ok=params_ok,
-        num_classes=num_classes, forward=dict(input_size=[1, *input_size], output_shape=list(output.shape),
-                                              finite=bool(torch.isfinite(output).all()), ok=forward_ok))
+        num_classes=num_classes, forward=dict(input_size=[1, *input_size], output_shape=shapes if backbone else shapes[0],
+                                              finite=finite, ok=forward_ok))
     shape = 'x'.join(map(str, (1, *input_size)))
-    report.checks['summary'] = f"forward {shape} -> {tuple(output.shape)} {'ok' if forward_ok else 'WRONG'}"
+    shown = ', '.join(str(tuple(s)) for s in shapes)
+    reduced = f" (reduced from the task's {'x'.join(map(str, entry['eval_input_size']))})" if backbone else ''
+    report.checks['summary'] = f"forward {shape}{reduced} -> {shown} {'ok' if forward_ok else 'WRONG'}"
     return params_ok and forward_ok
 
 
-def _finish_commands(entry: Dict[str, Any], target: Path, output_dir: Path) -> Dict[str, str]:
-    """The commands that convert ``entry`` later: online, or from the published file at hand."""
+def _finish_commands(entry: Dict[str, Any], target: Path, output_dir: Path, command: str) -> Dict[str, str]:
+    """The commands that convert ``entry`` later (``command`` runs the converter): online, or from the
+    published file at hand."""
     out = shlex.quote(str(target))
-    network = f"{PROG} --all --output-dir {shlex.quote(str(output_dir))} --only {registry_entry_name(entry)}"
+    network = f"{command} --all --output-dir {shlex.quote(str(output_dir))} --only {registry_entry_name(entry)}"
     if 'url' in entry:
-        file = f"{PROG} /path/to/{url_basename(entry['url'])} -o {out}"
+        file = f"{command} /path/to/{url_basename(entry['url'])} -o {out}"
     else:  # a transformers folder: config.json + the weights, e.g. from `hf download`
-        file = (f"{PROG} /path/to/{entry['hf_hub_id'].split('/')[1]} -o {out}  # a folder with config.json and "
+        file = (f"{command} /path/to/{entry['hf_hub_id'].split('/')[1]} -o {out}  # a folder with config.json and "
                 f"{entry.get('hf_hub_filename', TRANSFORMERS_WEIGHTS[0])} (hf download {entry['hf_hub_id']})")
     return dict(network=network, file=file)
 
@@ -145,7 +167,6 @@ def _convert_entry(entry, output_dir: Path, force: bool, size: int, downloader: 
     ok = _offline_check(entry, report)
     log(f"  offline checks: params {report.params}; {report.checks['summary']}")
     report.status, report.problem = ('offline-checked' if ok else 'FAILED'), not ok
-    report.commands = _finish_commands(entry, target, output_dir)
     return report
 
 
@@ -171,7 +192,19 @@ def _check_report_files(output_dir: Path) -> None:
             raise ConversionError(f"{js} exists and was not written by {PROG} --all; not overwriting it")
 
 
-def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str], output_dir: Path) -> str:
+def _network_command(command: str, output_dir: Path, rows: List[EntryReport], only: Optional[Sequence[str]]) -> str:
+    """The command that finishes the unfinished entries with network: this run's selection again when
+    none was finished (``--all`` alone for a whole registry), else only the unfinished ones."""
+    unfinished = [r.entry for r in rows if r.commands]
+    if len(unfinished) == len(rows):
+        selection = ['--only', *only] if only else []
+    else:
+        selection = ['--only', *unfinished]
+    return ' '.join([command] + [shlex.quote(a) for a in ('--all', '--output-dir', str(output_dir), *selection)])
+
+
+def _report_markdown(
+        rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str], network_command: str) -> str:
     lines = [_REPORT_TITLE, '', f"{totals['entries']} entries: {totals['converted']} converted and verified, "
              f"{totals['offline_checked']} checked offline only (downloads failed), {totals['wrong']} wrong.", '']
     if offline:
@@ -192,9 +225,8 @@ def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: O
         lines += [f"- `{r.entry}`: " + '; '.join(e['reason'] for e in r.download_errors) for r in failed]
     unfinished = [r for r in rows if r.commands]
     if unfinished:
-        names = ' '.join(r.entry for r in unfinished)
         lines += ['', '## To finish the job', '', 'With network (downloads, then converts and verifies):', '',
-                  '```', f"{PROG} --all --output-dir {shlex.quote(str(output_dir))} --only {names}", '```', '',
+                  '```', network_command, '```', '',
                   'With the published files at hand (one command each; the model card then quotes no '
                   'published numbers, since nothing proves the file is the published one):', '', '```']
         lines += [r.commands['file'] for r in unfinished] + ['```']
@@ -204,12 +236,14 @@ def _report_markdown(rows: List[EntryReport], totals: Dict[str, int], offline: O
     return '\n'.join(lines) + '\n'
 
 
-def _write_reports(output_dir: Path, rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str]) -> None:
+def _write_reports(output_dir: Path, rows: List[EntryReport], totals: Dict[str, int], offline: Optional[str],
+                   network_command: str) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(written_by=PROG, totals=totals, offline=offline,
+                   finish_with_network=network_command if any(r.commands for r in rows) else None,
                    entries=[dict(dataclasses.asdict(r), source_shown=r.source) for r in rows])
     for name, text in ((REPORT_JSON, json.dumps(payload, indent=2) + '\n'),
-                       (REPORT_MD, _report_markdown(rows, totals, offline, output_dir))):
+                       (REPORT_MD, _report_markdown(rows, totals, offline, network_command))):
         partial = output_dir / f'.{name}.partial'
         partial.write_text(text)
         partial.replace(output_dir / name)
@@ -221,26 +255,33 @@ def convert_all(
         force: bool = False,
         verify_size: int = ALL_VERIFY_SIZE,
         log: Callable[[str], None] = log,
+        command: str = PROG,
 ) -> int:
     """Convert and verify every registry entry into ``output_dir/<model>.<tag>/``, with a report.
 
     Entries whose downloads fail are still checked offline (build, parameter count, classes, one
     forward with random weights at the entry's input size). Writes ``output_dir/report.md`` and
-    ``report.json``. Returns 0 if every entry was converted and verified, 3 if some could only be
-    checked offline, 1 if anything was wrong.
+    ``report.json``, whose commands to finish the job start with ``command`` (how to run the converter,
+    see :func:`.output.rerun_command`). Returns 0 if every entry was converted and verified, 3 if
+    some could only be checked offline, 1 if anything was wrong.
     """
     output_dir = Path(output_dir)
-    entries = [e for e in load_registry() if not only or any(fnmatch.fnmatch(registry_entry_name(e), p) for p in only)]
+    entries = [e for e in load_registry() + load_downstream_registry()
+               if not only or any(fnmatch.fnmatch(registry_entry_name(e), p) for p in only)]
     if not entries:
         raise ConversionError(f"--only {' '.join(only)} matches no registry entry")
     _check_report_files(output_dir)
     downloader, rows = Downloader(log), []
     for i, entry in enumerate(entries, 1):
         log(f"[{i}/{len(entries)}] {registry_entry_name(entry)}")
-        rows.append(_convert_entry(entry, output_dir, force, verify_size, downloader, log))
+        report = _convert_entry(entry, output_dir, force, verify_size, downloader, log)
+        if report.checks:  # checked offline: not downloaded, so say how to finish it
+            report.commands = _finish_commands(entry, output_dir / report.entry, output_dir, command)
+        rows.append(report)
     totals = dict(entries=len(rows), converted=sum(r.status == 'converted' for r in rows),
                   offline_checked=sum(r.status == 'offline-checked' for r in rows), wrong=sum(r.problem for r in rows))
-    _write_reports(output_dir, rows, totals, downloader.known_offline)
+    network_command = _network_command(command, output_dir, rows, only)
+    _write_reports(output_dir, rows, totals, downloader.known_offline, network_command)
     log('\n' + _summary(rows))
     log(f"\n{totals['entries']} entries: {totals['converted']} converted and verified, {totals['offline_checked']} "
         f"checked offline only (downloads failed), {totals['wrong']} wrong")

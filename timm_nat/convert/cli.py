@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 from .batch import ALL_VERIFY_SIZE, convert_all
 from .conversion import DEFAULT_VERIFY_SIZE, convert, push_to_hub
 from .errors import ConversionError, one_line
-from .output import PROG
+from .output import PROG, rerun_command
 
 __all__ = ['main']
 
@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.all:
             return convert_all(args.output_dir, only=args.only, force=args.force,
-                               verify_size=args.verify_size or ALL_VERIFY_SIZE)
+                               verify_size=args.verify_size or ALL_VERIFY_SIZE, command=rerun_command())
         conversion = convert(
             args.source, args.output_dir, model=args.model, model_args=args.model_args, force=args.force,
             verify_size=args.verify_size or DEFAULT_VERIFY_SIZE, hub_repo_id=args.push_to_hub)

@@ -8,20 +8,22 @@ diff exactly 0.0) before the folder replaces the output.
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import timm
 import torch
 from huggingface_hub import HfApi
 from timm.models import get_pretrained_cfg, save_for_hf
 
+from ..models._family import build_architecture
 from .architecture import Architecture, family_of, infer_architecture
 from .card import Provenance, model_card, provenance
 from .errors import ConversionError, log, one_line
 from .output import MANIFEST_NAME, PROG, check_no_overlap, check_output, clean_stale, staged_output
 from .sources import Downloader, Source, file_sha256, read_state_dict, resolve_source
 
-__all__ = ['Conversion', 'DEFAULT_VERIFY_SIZE', 'WEIGHTS_NAME', 'convert', 'push_to_hub', 'uninitialized_model']
+__all__ = ['Conversion', 'DEFAULT_VERIFY_SIZE', 'WEIGHTS_NAME', 'convert', 'model_outputs', 'push_to_hub',
+           'uninitialized_model']
 
 WEIGHTS_NAME = 'model.safetensors'
 DEFAULT_VERIFY_SIZE = 96  # small input: identical weights give identical outputs at any size
@@ -54,11 +56,19 @@ def _pretrained_cfg(arch: Architecture, published: Optional[Dict[str, Any]]) -> 
 def uninitialized_model(name: str, **kwargs) -> torch.nn.Module:
     """The model with allocated but uninitialised tensors, for a strict load to fill: timm's init takes
     seconds per 100M parameters. Non-persistent buffers hold computed state a load would not restore,
-    so a model with any is built the normal way."""
-    model = timm.create_model(name, device='meta', **kwargs)
+    so a model with any is built the normal way. A detection backbone is the bare model (see
+    :func:`..models._family.build_architecture`)."""
+    model = build_architecture(name, device='meta', **kwargs)
     if set(dict(model.named_buffers())) - set(model.state_dict()):
-        return timm.create_model(name, **kwargs)
+        return build_architecture(name, **kwargs)
     return model.to_empty(device='cpu')
+
+
+def model_outputs(model: torch.nn.Module, inputs: torch.Tensor) -> List[torch.Tensor]:
+    """What a converted model gives: logits, or a detection backbone's (``out_norms``) normed stage outputs."""
+    if getattr(model, 'out_norms', None) is not None:
+        return model.forward_intermediates(inputs, intermediates_only=True)
+    return [model(inputs)]
 
 
 def _check_values(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -86,7 +96,7 @@ def _reference_model(state_dict, arch: Architecture, published) -> torch.nn.Modu
     model = uninitialized_model(
         arch.model, pretrained_cfg=_pretrained_cfg(arch, published), num_classes=arch.num_classes, **arch.model_args)
     try:
-        remapped = family_of(arch.model).filter_fn(dict(state_dict), model)
+        remapped = family_of(arch.model).checkpoint_filter_fn(dict(state_dict), model)
         _check_values(remapped, model)
         model.load_state_dict(remapped, strict=True)
     except RuntimeError as err:
@@ -97,22 +107,26 @@ def _reference_model(state_dict, arch: Architecture, published) -> torch.nn.Modu
 def _verify(reference: torch.nn.Module, folder: Path, size: int) -> Dict[str, float]:
     """Max abs diff between the reference and the folder loaded through timm's public paths (must be 0.0)."""
     config = json.loads((folder / 'config.json').read_text())
+    backbone = dict(features_only=True) if config.get('model_args', {}).get('out_norms') else {}
     loaded = {
         'pretrained_cfg_overlay file': timm.create_model(
             config['architecture'], pretrained=True,
             pretrained_cfg_overlay=dict(file=str(folder / WEIGHTS_NAME), num_classes=config['num_classes']),
-            **config.get('model_args', {})),
-        'local-dir': timm.create_model(f'local-dir:{folder}', pretrained=True),
+            **config.get('model_args', {}), **backbone),
+        'local-dir': timm.create_model(f'local-dir:{folder}', pretrained=True, **backbone),
     }
     inputs = torch.randn(1, reference.pretrained_cfg['input_size'][0], size, size,
                          generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = reference(inputs)
-        if not bool(torch.isfinite(expected).all()):
+        expected = model_outputs(reference, inputs)
+        if not all(bool(torch.isfinite(e).all()) for e in expected):
             raise ConversionError(
                 f"the source's own output is not finite (NaN/Inf) on a random {size}x{size} input, so the conversion "
                 "cannot be verified; the weights overflow (not a conversion mismatch)")
-        diffs = {path: (model.eval()(inputs) - expected).abs().max().item() for path, model in loaded.items()}
+        diffs = {}
+        for path, model in loaded.items():
+            outputs = list(model.eval()(inputs)) if backbone else [model.eval()(inputs)]
+            diffs[path] = max((o - e).abs().max().item() for o, e in zip(outputs, expected, strict=True))
     wrong = {path: diff for path, diff in diffs.items() if diff != 0.0}
     if wrong:
         raise ConversionError(

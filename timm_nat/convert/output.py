@@ -11,18 +11,41 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from .errors import ConversionError, log
 
 __all__ = ['MANIFEST_NAME', 'PROG', 'check_no_overlap', 'check_output', 'clean_stale', 'read_manifest',
-           'staged_output', 'write_manifest']
+           'rerun_command', 'staged_output', 'write_manifest']
 
 PROG = 'timm-nat-convert'
 MANIFEST_NAME = 'timm-nat-convert.json'
 _SIDE_FOLDER = re.compile(r'\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)')
+
+
+def rerun_command() -> str:
+    """How to run the converter again the way this process was started, for commands printed to run as
+    printed: ``<python> tools/convert.py`` when the checkout's script was run (each path relative to the
+    working folder when inside it, e.g. ``.venv/bin/python tools/convert.py`` after the README's
+    set-up), else the installed entry point ``timm-nat-convert``."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is None or script.name != 'convert.py' or not script.is_file():
+        return PROG
+    return ' '.join(shlex.quote(_shown_path(path)) for path in (sys.executable, script))
+
+
+def _shown_path(path) -> str:
+    """``path`` relative to the working folder when inside it, else absolute (links are kept: a
+    virtual environment's python is a link that must stay the environment's)."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
 
 
 def read_manifest(folder: Path) -> Optional[Dict[str, Any]]:

@@ -1,8 +1,8 @@
 """Sources: what the user names (Hub repo, folder, file, URL) as a local checkpoint, and its tensors.
 
 Downloads go through huggingface_hub (its cache) and torch hub (its checkpoint cache, as timm's
-``url`` loading does). Offline is detected once per :class:`Downloader` (``HF_HUB_OFFLINE``, or the
-Hub's host name not resolving) and then no further network attempt is made: caches only.
+``url`` loading does). Offline is detected once per host and :class:`Downloader` (``HF_HUB_OFFLINE``,
+or the host's own name not resolving) and then no further network attempt is made there: caches only.
 """
 import contextlib
 import dataclasses
@@ -20,8 +20,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from timm.models import load_state_dict
 
-from .._offline import hub_offline_mode, hub_unreachable_reason
-from ..pretrained import load_registry
+from .._offline import host_unreachable_reason, hub_host, hub_offline_mode, url_cache_path
+from ..pretrained import load_downstream_registry, load_registry
 from .errors import ConversionError, DownloadError, log, one_line
 
 __all__ = ['Downloader', 'Source', 'file_sha256', 'read_state_dict', 'resolve_source']
@@ -78,34 +78,36 @@ def _socket_timeout(seconds: float):
 class Downloader:
     """Fetches Hub files (huggingface_hub's cache) and URLs (torch hub's cache), failing fast offline.
 
-    Before its first network attempt it checks once whether the machine is offline:
-    ``HF_HUB_OFFLINE`` is set, or the Hub's host name does not resolve (no DNS, no network; a proxy
-    skips this check). Offline, every later request uses the caches only and says so, instead of
-    waiting for huggingface_hub's retries. Hosts that fail once are not tried again either.
+    Before its first network attempt to a host it checks once whether that host is out of reach:
+    ``HF_HUB_OFFLINE`` is set (every host: caches only), or the host's own name does not resolve
+    (no DNS, no network; a proxy skips this check). Then every later request to it uses the caches
+    only and says why, instead of waiting for retries. Hosts that fail once are not tried again either.
     """
 
     def __init__(self, log: Callable[[str], None] = log):
         self.log = log
-        self._offline: Optional[str] = None  # why there is no network, once known
-        self._checked = False
-        self._unreachable: Dict[str, str] = {}  # host -> why
+        self._offline: Dict[str, Optional[str]] = {}  # host -> why no network attempt is made (None: online)
+        self._unreachable: Dict[str, str] = {}  # host -> why its download failed
 
     @property
     def known_offline(self) -> Optional[str]:
-        """Why there is no network, if a check already found so (checks nothing)."""
-        return self._offline
+        """Why there is no network, for the hosts a check already found out of reach (checks nothing)."""
+        return '; '.join(dict.fromkeys(r for r in self._offline.values() if r)) or None
 
-    def offline_reason(self) -> Optional[str]:
-        """Why no network attempt is made (checked once, on first call), or None when online."""
-        if not self._checked:
-            self._checked = True
+    def offline_reason(self, host: Optional[str] = None) -> Optional[str]:
+        """Why no network attempt is made to ``host`` (default: the Hub's), checked once per host; None when online."""
+        host = host or hub_host()
+        if host not in self._offline:
             if hub_offline_mode():
-                self._offline = 'offline (HF_HUB_OFFLINE is set)'
-            elif reason := hub_unreachable_reason():  # one timed name look-up per process
-                self._offline = f"offline ({reason})"
-            if self._offline:
-                self.log(f"{self._offline}: using the Hub and torch hub caches only, no download is attempted")
-        return self._offline
+                reason = 'offline (HF_HUB_OFFLINE is set)'
+                note = 'using the Hub and torch hub caches only, no download is attempted'
+            else:
+                reason = f"offline ({why})" if (why := host_unreachable_reason(host)) else None
+                note = f"using the cache only for files on {host}, no download is attempted from it"
+            if reason and reason not in self._offline.values():
+                self.log(f"{reason}: {note}")
+            self._offline[host] = reason
+        return self._offline[host]
 
     def hub_file(self, repo_id: str, filename: str) -> Path:
         """Local path of ``filename`` of Hub repo ``repo_id`` (downloaded into the Hub cache)."""
@@ -127,11 +129,11 @@ class Downloader:
 
     def url_file(self, url: str) -> Path:
         """Local path of ``url`` (downloaded once into torch hub's checkpoint cache, as timm does)."""
-        cached = Path(torch.hub.get_dir()) / 'checkpoints' / url_basename(url)
+        cached = url_cache_path(url)
         if cached.is_file():
             return cached
-        host = urlparse(url).netloc
-        offline = self.offline_reason()
+        host = urlparse(url).hostname or url
+        offline = self.offline_reason(host)
         if offline:
             raise DownloadError(f"could not download {url}: {offline} and not in {cached.parent}")
         if host in self._unreachable:
@@ -149,8 +151,9 @@ class Downloader:
 
 
 def registry_entry(match: Callable[[Dict[str, Any]], bool]) -> Optional[Dict[str, Any]]:
-    """A copy of the first registry entry that ``match`` accepts, or None."""
-    return next((dict(e) for e in load_registry() if match(e)), None)
+    """A copy of the first registry entry (classification, then detection / segmentation backbones)
+    that ``match`` accepts, or None."""
+    return next((dict(e) for e in load_registry() + load_downstream_registry() if match(e)), None)
 
 
 def url_basename(url: str) -> str:

@@ -1,7 +1,13 @@
-"""timm model families of timm-nat (one module each, its checkpoint layouts beside the model);
-importing this registers them with timm."""
-from .nat import *  # noqa: F401,F403  (registers nat_* / dinat_* with timm)
-from .dinat_s import *  # noqa: F401,F403  (registers dinat_s_* with timm)
-from .isotropic import *  # noqa: F401,F403  (registers nat_isotropic_* / dinat_isotropic_* / vitrpb_* with timm)
-from . import dinat_s, isotropic, nat
-from .nat import Nat, checkpoint_filter_fn
+"""timm model families of timm-nat: one module each, its checkpoint layouts beside the model, ending in its
+declaration (``FAMILY``, see :mod:`._family`). Importing this package imports every family module in it (a
+new family is one new module), which registers them with timm, and re-exports each module's ``__all__``
+(its classes and entrypoints: ``Nat``, ``NatIsotropic``, ``dinat_mini``, ...)."""
+import importlib
+import pkgutil
+
+from ._family import ModelFamily, model_families
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith('_'):
+        _module = importlib.import_module(f'{__name__}.{_info.name}')
+        globals().update({name: getattr(_module, name) for name in _module.__all__})

@@ -1,7 +1,9 @@
 """Helpers shared by the model families: their pretrained cfg, building with a helpful download
 error, and the checkpoint plumbing every family's ``checkpoint_filter_fn`` uses (unwrapping,
 renames shared by the published layouts, input-channel adaptation, the strict key/shape check)."""
+import logging
 import re
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -12,13 +14,18 @@ from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
 from timm.models._manipulate import adapt_input_conv
 
-from .._offline import cached_hub_file, hub_offline_mode, hub_unreachable_reason
+from .._offline import (
+    cached_hub_file, hub_offline_mode, hub_unreachable_reason, url_cache_path, url_unreachable_reason,
+)
 from ..pretrained import weights_unavailable_error
 
 __all__ = [
     'family_cfg', 'build_model_or_explain', 'unwrap_state_dict', 'downsample_to_next_stage',
     'original_head_key', 'adapt_input_conv_weight', 'state_dict_problems', 'check_state_dict_fits', 'init_weights',
+    'blocks_by_index', 'first_of_blocks', 'split_backbone', 'backbone_of_checkpoint', 'out_norm_key',
 ]
+
+_logger = logging.getLogger(__name__)
 
 _CLASSIFIER_KEYS = ('head.fc.weight', 'head.fc.bias')
 _ORIGIN_URL = 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer'
@@ -49,12 +56,12 @@ def family_cfg(url: str = '', *, first_conv: str, reduction: int, **kwargs) -> D
 def build_model_or_explain(model_cls: Type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
     """``build_model_with_cfg``, turning weight download / file errors into one that says how to fix them.
 
-    Offline (the Hub's name does not resolve, or ``HF_HUB_OFFLINE``) Hub weights come straight
-    from the local Hub cache, or the error is raised at once, before the model is built and
-    without huggingface_hub's retries.
+    Offline (``HF_HUB_OFFLINE``, or the weights' host name does not resolve) weights come straight
+    from the local Hub cache or torch hub's checkpoint cache (URLs), or the error is raised at
+    once, before the model is built, without a download attempt or huggingface_hub's retries.
     """
     if pretrained:
-        kwargs = _offline_hub_weights_as_file(variant, kwargs)
+        kwargs = _offline_weights_as_file(variant, kwargs)
     try:
         return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
     except OSError as err:  # download, Hub cache and file access failures are all OSError subclasses
@@ -74,26 +81,37 @@ def _resolved_cfg(variant: str, kwargs: Dict[str, Any]) -> Tuple[str, Dict[str, 
     return (f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant), cfg
 
 
-def _offline_hub_weights_as_file(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """``kwargs`` unchanged unless the weights come from a Hub out of reach (no network, or
-    ``HF_HUB_OFFLINE``): then a file missing from the local Hub cache raises the explanation
-    now, before the model is built, and without network a cached file is passed as
-    ``pretrained_cfg_overlay['file']`` (huggingface_hub would first retry the network)."""
+def _offline_weights_as_file(variant: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` unchanged unless the weights' host is out of reach (``HF_HUB_OFFLINE``, or the Hub's
+    or the URL's own host name does not resolve): then a file missing from its cache (the Hub
+    cache, or torch hub's checkpoint cache for a URL) raises the explanation now, before the model
+    is built and without a download attempt or retries, and a cached file is passed as
+    ``pretrained_cfg_overlay['file']`` (only huggingface_hub's own offline mode reads its cache
+    directly)."""
     name, cfg = _resolved_cfg(variant, kwargs)
-    # what timm would fetch from the Hub (``hf-hub:`` names are timm's own path, left alone)
-    from_hub = cfg.get('hf_hub_id') and not (cfg.get('file') or cfg.get('state_dict') or cfg.get('source'))
-    if not from_hub:
-        return kwargs
+    if cfg.get('file') or cfg.get('state_dict') or cfg.get('source'):
+        return kwargs  # a local file, or timm's own ``hf-hub:`` / ``local-dir:`` paths, left alone
     offline_mode = hub_offline_mode()
-    reason = None if offline_mode else hub_unreachable_reason()
-    if not (offline_mode or reason):
+    if cfg.get('hf_hub_id'):  # timm prefers the Hub when an entry has both
+        reason = None if offline_mode else hub_unreachable_reason()
+        if not (offline_mode or reason):
+            return kwargs
+        filename = cfg.get('hf_hub_filename') or HF_WEIGHTS_NAME
+        cached = cached_hub_file(cfg['hf_hub_id'], [*_get_safe_alternatives(filename), filename])  # timm's order
+        where = 'the local Hub cache'
+    elif cfg.get('url'):
+        reason = None if offline_mode else url_unreachable_reason(cfg['url'])
+        if not (offline_mode or reason):
+            return kwargs
+        path = url_cache_path(cfg['url'], kwargs.get('cache_dir'))
+        cached = str(path) if path.is_file() else None
+        where = f"torch hub's checkpoint cache ({path} does not exist)"
+    else:
         return kwargs
-    filename = cfg.get('hf_hub_filename') or HF_WEIGHTS_NAME
-    cached = cached_hub_file(cfg['hf_hub_id'], [*_get_safe_alternatives(filename), filename])  # timm's order
     if cached is None:
         why = "offline mode (HF_HUB_OFFLINE is set)" if offline_mode else f"no network, {reason}"
-        raise weights_unavailable_error(name, cfg, ConnectionError(f"{why}; not in the local Hub cache either"))
-    if offline_mode:
+        raise weights_unavailable_error(name, cfg, ConnectionError(f"{why}; not in {where} either"))
+    if offline_mode and cfg.get('hf_hub_id'):
         return kwargs  # huggingface_hub reads its cache directly
     return {**kwargs, 'pretrained_cfg_overlay': {**(kwargs.get('pretrained_cfg_overlay') or {}), 'file': cached}}
 
@@ -104,6 +122,45 @@ def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
     return checkpoint
+
+
+# where whole detection / segmentation checkpoints keep their backbone: mmdet, mmseg and detectron2
+# (``backbone.``), transformers OneFormer (its DinatBackbone)
+BACKBONE_PREFIXES = ('backbone.', 'model.pixel_level_module.encoder.')
+
+
+def split_backbone(state_dict: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """(backbone keys without their prefix, every other key) of a whole detector / segmenter state
+    dict (see ``BACKBONE_PREFIXES``); ``(state_dict, [])`` for a state dict without such a prefix."""
+    for prefix in BACKBONE_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            backbone = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            return backbone, [k for k in state_dict if not k.startswith(prefix)]
+    return state_dict, []
+
+
+def backbone_of_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The backbone part of a (possibly wrapped) checkpoint, logging one warning that counts the
+    keys left out as not part of the backbone (by their first name, e.g. ``neck: 8, roi_head: 24``)."""
+    backbone, others = split_backbone(unwrap_state_dict(state_dict))
+    if others:
+        groups = Counter(k.split('.', 1)[0] if not k.startswith('model.') else '.'.join(k.split('.', 2)[:2])
+                         for k in others)
+        _logger.warning(
+            "loaded the backbone (%d tensors) of a whole detection/segmentation checkpoint; %d keys are not "
+            "part of the backbone and were left out (%s)", len(backbone), len(others),
+            ", ".join(f"{name}: {n}" for name, n in groups.items()))
+    return backbone
+
+
+def out_norm_key(key: str) -> Optional[str]:
+    """A detection backbone's per-output norm (original ``norm{i}.``, transformers
+    ``hidden_states_norms.stage{i+1}.``) as timm's ``out_norms.{i}.``; None for other keys."""
+    if m := re.match(r'norm(\d+)\.(.+)$', key):
+        return f'out_norms.{m[1]}.{m[2]}'
+    if m := re.match(r'hidden_states_norms\.stage(\d+)\.(.+)$', key):
+        return f'out_norms.{int(m[1]) - 1}.{m[2]}'
+    return None
 
 
 def downsample_to_next_stage(key: str, level_prefix: str) -> Optional[str]:
@@ -184,6 +241,20 @@ def check_state_dict_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     if problems:
         raise RuntimeError(
             "checkpoint does not match the model (wrong architecture or arguments?): " + ". ".join(problems))
+
+
+def blocks_by_index(state_dict: Dict[str, torch.Tensor], pattern: str) -> Dict[int, Dict[int, Dict[str, torch.Tensor]]]:
+    """``{stage: {block: {rest of key: tensor}}}`` for timm keys matching ``pattern`` (groups: stage, block, rest)."""
+    stages: Dict[int, Dict[int, Dict[str, torch.Tensor]]] = {}
+    for key, value in state_dict.items():
+        if m := re.fullmatch(pattern, key):
+            stages.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = value
+    return stages
+
+
+def first_of_blocks(blocks: Dict[int, Dict[str, torch.Tensor]], name: str) -> Optional[torch.Tensor]:
+    """``name`` of the first block holding it: one missing key must not hide a stage's sizes."""
+    return next((blocks[j][name] for j in sorted(blocks) if name in blocks[j]), None)
 
 
 def init_weights(module: nn.Module, name: str = '') -> None:

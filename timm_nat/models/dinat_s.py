@@ -15,20 +15,22 @@ a detection backbone taps. Maps smaller than kernel x dilation are padded by the
 """
 import functools
 import re
-from typing import Any, Dict, Tuple, Type, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
-from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from ..pretrained import registry_default_cfgs
+from ._family import Arch, ModelFamily, register_family
 from ._helpers import (
-    adapt_input_conv_weight, check_state_dict_fits, downsample_to_next_stage, family_cfg, original_head_key,
-    unwrap_state_dict,
+    adapt_input_conv_weight, backbone_of_checkpoint, check_state_dict_fits, downsample_to_next_stage, family_cfg,
+    original_head_key, out_norm_key, split_backbone, unwrap_state_dict,
 )
-from .nat import Nat, _create_nat, dinat_dilations
+from .nat import (
+    DILATIONS_224, DILATIONS_384, HIERARCHICAL_MODEL_KWARGS, Nat, _create_nat, dilations_hint, dinat_dilations,
+    downsample_dims, hierarchical_kwargs,
+)
 
 __all__ = ['swin_patch_stem']  # the model class is Nat; checkpoint_filter_fn, remap_checkpoint stay module-level
 
@@ -67,7 +69,7 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
         if m := re.match(r'layers\.(\d+)\.blocks\.(.+)$', k):
             k = f'stages.{m[1]}.blocks.{m[2]}'
         else:
-            k = downsample_to_next_stage(k, 'layers.') or original_head_key(k)
+            k = downsample_to_next_stage(k, 'layers.') or out_norm_key(k) or original_head_key(k)
         out[k] = v
     return out
 
@@ -77,9 +79,10 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
     Accepts the original repository's ``.pth`` layout (``layers.i.blocks.j``,
     ``layers.i.downsample``, ``head``), optionally wrapped in ``{'model': ...}`` /
-    ``{'state_dict': ...}``, or timm's own layout (returned as is).
+    ``{'state_dict': ...}``, or timm's own layout (returned as is). Of a whole mmdet / mmseg
+    checkpoint only the backbone is taken, its per-output norms as ``out_norms.i``.
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict, _ = split_backbone(unwrap_state_dict(state_dict))
     if any(k.startswith('layers.') for k in state_dict):
         return _from_original(state_dict)
     return dict(state_dict)
@@ -89,9 +92,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """:func:`remap_checkpoint`, the patch embedding adapted to the model's ``in_chans``, then a strict check.
 
     Raises listing every unexpected, missing or wrongly shaped key (the classifier is left to
-    timm's loader, which drops or keeps it by ``num_classes``).
+    timm's loader, which drops or keeps it by ``num_classes``). Of a whole detection / segmentation
+    checkpoint only the backbone is used; the rest is counted in a warning.
     """
-    state_dict = adapt_input_conv_weight(remap_checkpoint(state_dict), model, _FIRST_CONV)
+    state_dict = adapt_input_conv_weight(remap_checkpoint(backbone_of_checkpoint(state_dict)), model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
@@ -103,63 +107,40 @@ def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs) -> Nat:
         stem_layer=swin_patch_stem, downsample_layer=PatchMerging, **kwargs)
 
 
+def _infer_kwargs(state_dict: Dict[str, torch.Tensor], arch: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """DiNAT_s sizes from timm names: Swin's 4x4 patch embedding (``patch_embed.proj``), linear patch merging."""
+    return hierarchical_kwargs(state_dict, lambda sd: (
+        getattr(sd.get('patch_embed.proj.weight'), 'ndim', 0) == 4 or downsample_dims(sd) == {2}))
+
+
 # ----------------------------------------------------------------------------------------------
-# Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
+# Registered architectures (pretrained cfgs: facts from weights/checkpoints.toml)
 # ----------------------------------------------------------------------------------------------
-
-_cfg = functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=32)
-
-_ARCHITECTURES = ('dinat_s_tiny', 'dinat_s_small', 'dinat_s_base', 'dinat_s_large', 'dinat_s_large_384')
-
-default_cfgs = generate_default_cfgs(registry_default_cfgs(_ARCHITECTURES, _cfg))
-
 
 _DEPTHS_TINY = (2, 2, 6, 2)
 _DEPTHS = (2, 2, 18, 2)
-_DILATIONS_224 = (8, 4, 2, 1)  # stage dilations for 224 inputs (56, 28, 14, 7 maps, kernel 7)
-_DILATIONS_384 = (13, 6, 3, 1)  # for 384 inputs (96, 48, 24, 12 maps)
+_SMALL = dict(embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=4., kernel_size=7,
+              dilations=dinat_dilations(_DEPTHS, DILATIONS_224))
+_LARGE = dict(_SMALL, embed_dim=192, num_heads=(6, 12, 24, 48))
 
-
-@register_model
-def dinat_s_tiny(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT_s-Tiny."""
-    model_args = dict(
-        embed_dim=96, depths=_DEPTHS_TINY, num_heads=(3, 6, 12, 24), mlp_ratio=4., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS_TINY, _DILATIONS_224))
-    return _create_dinat_s('dinat_s_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_s_small(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT_s-Small."""
-    model_args = dict(
-        embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=4., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_dinat_s('dinat_s_small', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_s_base(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT_s-Base."""
-    model_args = dict(
-        embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=4., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_dinat_s('dinat_s_base', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_s_large(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT_s-Large, 224 (ImageNet-22k pre-trained; ``.in22k`` is the 21841-class pre-training head)."""
-    model_args = dict(
-        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=4., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_dinat_s('dinat_s_large', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_s_large_384(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT_s-Large, 384 (dilations scaled to the larger maps)."""
-    model_args = dict(
-        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=4., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_384))
-    return _create_dinat_s('dinat_s_large_384', pretrained=pretrained, **dict(model_args, **kwargs))
+FAMILY = register_family(ModelFamily(
+    name='dinat_s',
+    module=__name__,
+    architectures={
+        'dinat_s_tiny': Arch("DiNAT_s-Tiny.", dict(
+            _SMALL, depths=_DEPTHS_TINY, dilations=dinat_dilations(_DEPTHS_TINY, DILATIONS_224))),
+        'dinat_s_small': Arch("DiNAT_s-Small.", _SMALL),
+        'dinat_s_base': Arch("DiNAT_s-Base.", dict(_SMALL, embed_dim=128, num_heads=(4, 8, 16, 32))),
+        'dinat_s_large': Arch(
+            "DiNAT_s-Large, 224 (ImageNet-22k pre-trained; ``.in22k`` is the 21841-class pre-training head).", _LARGE),
+        'dinat_s_large_384': Arch("DiNAT_s-Large, 384 (dilations scaled to the larger maps).",
+                                  dict(_LARGE, dilations=dinat_dilations(_DEPTHS, DILATIONS_384))),
+    },
+    build=_create_dinat_s,
+    make_cfg=functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=32),
+    remap_checkpoint=remap_checkpoint,
+    checkpoint_filter_fn=checkpoint_filter_fn,
+    model_kwargs=HIERARCHICAL_MODEL_KWARGS,
+    infer_kwargs=_infer_kwargs,
+    candidates=lambda kwargs: [('dinat_s_tiny', f"also pass --model-args {dilations_hint(kwargs['depths'])}")],
+))

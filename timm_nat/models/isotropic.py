@@ -26,14 +26,13 @@ from timm.layers import (
 )
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
-from timm.models._registry import generate_default_cfgs, register_model
 
 from .._timm_compat import get_device_dtype, reset_classifier_head
 from ..layers import NeighborhoodAttentionBlock, RelPosGlobalAttention
-from ..pretrained import registry_default_cfgs
+from ._family import Arch, ModelFamily, register_family
 from ._helpers import (
-    adapt_input_conv_weight, build_model_or_explain, check_state_dict_fits, family_cfg, init_weights,
-    original_head_key, unwrap_state_dict,
+    adapt_input_conv_weight, build_model_or_explain, check_state_dict_fits, family_cfg,
+    first_of_blocks, init_weights, original_head_key, unwrap_state_dict,
 )
 
 __all__ = ['NatIsotropic', 'RelPosGlobalAttention']  # checkpoint_filter_fn, remap_checkpoint stay module-level
@@ -312,62 +311,71 @@ def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NatIs
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
+# Hyper-parameters from checkpoints (timm-named keys) and registered architectures
 # ----------------------------------------------------------------------------------------------
 
-# the final map of these models is 1/16 of the input (the patch size)
-_cfg = functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=_PATCH_SIZE)
+_GLOBAL_ATTENTION = ('vitrpb_small', 'vitrpb_base')  # architectures with a global RPB table
 
 
-_ARCHITECTURES = (
-    'nat_isotropic_small', 'nat_isotropic_base',
-    'dinat_isotropic_small', 'dinat_isotropic_base',
-    'vitrpb_small', 'vitrpb_base',
-)
+def _infer_kwargs(state_dict: Dict[str, torch.Tensor], arch: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Isotropic NAT / DiNAT / ViT-RPB sizes from timm names (``blocks.i``); None if not this layout.
 
-default_cfgs = generate_default_cfgs(registry_default_cfgs(_ARCHITECTURES, _cfg))
+    Neighborhood and global attention share a layout; the RPB table spans ``2k-1`` (kernel k) or
+    ``2H-1`` (map H). Legacy NATTEN, which trained every published model, took odd kernels only,
+    so an even extent is a global table; for an odd one ``arch`` decides (None: a kernel).
+    """
+    layers: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if m := re.fullmatch(r'blocks\.(\d+)\.(.+)', key):
+            layers.setdefault(int(m[1]), {})[m[2]] = value
+    stem = state_dict.get('patch_embed.proj.weight')
+    rpb, fc1 = first_of_blocks(layers, 'attn.rpb'), first_of_blocks(layers, 'mlp.fc1.weight')
+    if stem is None or stem.dim() != 4 or rpb is None or fc1 is None:
+        return None
+    embed_dim, patch_size, extent = stem.shape[0], stem.shape[-1], (rpb.shape[-1] + 1) // 2
+    kwargs = dict(patch_size=patch_size, embed_dim=embed_dim, depth=max(layers) + 1, num_heads=rpb.shape[0],
+                  mlp_ratio=fc1.shape[0] / embed_dim)
+    if arch in _GLOBAL_ATTENTION or (arch is None and extent % 2 == 0):
+        kwargs['img_size'] = extent * patch_size
+    else:
+        kwargs['kernel_size'] = extent
+    return kwargs
+
+
+def _candidates(kwargs: Dict[str, Any]) -> List[Tuple[str, str]]:
+    if 'img_size' in kwargs:
+        return [('vitrpb_small', '')]
+    return [('nat_isotropic_small', 'NAT: dilation 1'), ('dinat_isotropic_small', 'DiNAT: dilation 2 on odd blocks'),
+            ('vitrpb_small', f"ViT-RPB: global attention over a {kwargs['kernel_size']}x{kwargs['kernel_size']} map")]
+
 
 _SMALL = dict(patch_size=_PATCH_SIZE, embed_dim=384, depth=12, num_heads=12, mlp_ratio=4.)
 _BASE = dict(patch_size=_PATCH_SIZE, embed_dim=768, depth=12, num_heads=24, mlp_ratio=4.)
 
-
-@register_model
-def nat_isotropic_small(pretrained: bool = False, **kwargs) -> NatIsotropic:
-    """NAT-isotropic-Small (7x7 neighborhood attention)."""
-    model_args = dict(_SMALL, kernel_size=7, dilation=1)
-    return _create_isotropic('nat_isotropic_small', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def nat_isotropic_base(pretrained: bool = False, **kwargs) -> NatIsotropic:
-    """NAT-isotropic-Base (7x7 neighborhood attention)."""
-    model_args = dict(_BASE, kernel_size=7, dilation=1)
-    return _create_isotropic('nat_isotropic_base', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_isotropic_small(pretrained: bool = False, **kwargs) -> NatIsotropic:
-    """DiNAT-isotropic-Small (7x7 neighborhood attention, dilation 2 on odd blocks)."""
-    model_args = dict(_SMALL, kernel_size=7, dilation=2)
-    return _create_isotropic('dinat_isotropic_small', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_isotropic_base(pretrained: bool = False, **kwargs) -> NatIsotropic:
-    """DiNAT-isotropic-Base (7x7 neighborhood attention, dilation 2 on odd blocks)."""
-    model_args = dict(_BASE, kernel_size=7, dilation=2)
-    return _create_isotropic('dinat_isotropic_base', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def vitrpb_small(pretrained: bool = False, **kwargs) -> NatIsotropic:
-    """ViT-RPB-Small (global attention with relative positional bias)."""
-    model_args = dict(_SMALL, kernel_size=None)
-    return _create_isotropic('vitrpb_small', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def vitrpb_base(pretrained: bool = False, **kwargs) -> NatIsotropic:
-    """ViT-RPB-Base (global attention with relative positional bias)."""
-    model_args = dict(_BASE, kernel_size=None)
-    return _create_isotropic('vitrpb_base', pretrained=pretrained, **dict(model_args, **kwargs))
+FAMILY = register_family(ModelFamily(
+    name='isotropic',
+    module=__name__,
+    architectures={
+        'nat_isotropic_small': Arch("NAT-isotropic-Small (7x7 neighborhood attention).",
+                                    dict(_SMALL, kernel_size=7, dilation=1)),
+        'nat_isotropic_base': Arch("NAT-isotropic-Base (7x7 neighborhood attention).",
+                                   dict(_BASE, kernel_size=7, dilation=1)),
+        'dinat_isotropic_small': Arch("DiNAT-isotropic-Small (7x7 neighborhood attention, dilation 2 on odd blocks).",
+                                      dict(_SMALL, kernel_size=7, dilation=2)),
+        'dinat_isotropic_base': Arch("DiNAT-isotropic-Base (7x7 neighborhood attention, dilation 2 on odd blocks).",
+                                     dict(_BASE, kernel_size=7, dilation=2)),
+        'vitrpb_small': Arch("ViT-RPB-Small (global attention with relative positional bias).",
+                             dict(_SMALL, kernel_size=None)),
+        'vitrpb_base': Arch("ViT-RPB-Base (global attention with relative positional bias).",
+                            dict(_BASE, kernel_size=None)),
+    },
+    build=_create_isotropic,
+    # the final map of these models is 1/16 of the input (the patch size)
+    make_cfg=functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=_PATCH_SIZE),
+    remap_checkpoint=remap_checkpoint,
+    checkpoint_filter_fn=checkpoint_filter_fn,
+    model_kwargs=frozenset({'embed_dim', 'num_heads', 'kernel_size', 'mlp_ratio', 'qkv_bias', 'img_size', 'patch_size',
+                            'depth', 'dilation'}),
+    infer_kwargs=_infer_kwargs,
+    candidates=_candidates,
+))

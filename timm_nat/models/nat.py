@@ -22,17 +22,17 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, calculate_drop_path_rates
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
-from timm.models._registry import generate_default_cfgs, register_model
 
 from .._timm_compat import get_device_dtype, reset_classifier_head
 from ..layers import NeighborhoodAttentionBlock
-from ..pretrained import registry_default_cfgs
+from ._family import Arch, ModelFamily, register_family
 from ._helpers import (
-    adapt_input_conv_weight, build_model_or_explain, check_state_dict_fits, downsample_to_next_stage, family_cfg,
-    init_weights, original_head_key, unwrap_state_dict,
+    adapt_input_conv_weight, backbone_of_checkpoint, blocks_by_index, build_model_or_explain, check_state_dict_fits,
+    downsample_to_next_stage, family_cfg, first_of_blocks, init_weights, original_head_key, out_norm_key,
+    split_backbone, unwrap_state_dict,
 )
 
-__all__ = ['Nat', 'checkpoint_filter_fn', 'remap_checkpoint']
+__all__ = ['Nat', 'checkpoint_filter_fn', 'remap_checkpoint']  # and the entrypoints; FAMILY is the declaration
 
 _FIRST_CONV = 'patch_embed.proj.0'  # the first of the stem's two convs
 
@@ -168,6 +168,7 @@ class Nat(nn.Module):
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             stem_layer: Callable[..., nn.Module] = ConvStem,
             downsample_layer: Callable[..., nn.Module] = ConvDownsample,
+            out_norms: bool = False,
             device=None,
             dtype=None,
     ):
@@ -193,6 +194,10 @@ class Nat(nn.Module):
                 (NAT's two 3x3 convs; DiNAT_s passes Swin's 4x4 patch embedding).
             downsample_layer: Stride-2 downsampler between stages, ``(dim, out_dim, norm_layer=)``, NHWC
                 (NAT's 3x3 conv; DiNAT_s passes Swin's patch merging).
+            out_norms: One norm per stage output (``out_norms.i``) instead of the final norm, as the
+                published detection / segmentation backbones (their ``norm{i}``): stage outputs
+                (``forward_intermediates``, ``features_only``) go through them; the next stage
+                takes the map before it.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -235,7 +240,8 @@ class Nat(nn.Module):
             in_dim = dims[i]
             self.feature_info += [dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}')]
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features, **dd)
+        self.out_norms = nn.ModuleList([norm_layer(d, **dd) for d in dims]) if out_norms else None
+        self.norm = nn.Identity() if out_norms else norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
             self.num_features,
             num_classes,
@@ -260,6 +266,7 @@ class Nat(nn.Module):
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
                 (r'^norm', (99999,)),
+                (r'^out_norms\.(\d+)', (99999,)),
             ]
         )
 
@@ -297,7 +304,8 @@ class Nat(nn.Module):
         Args:
             x: Input image tensor.
             indices: Take last n stages if int, all if None, select matching indices if sequence.
-            norm: Apply the final norm to the last stage's intermediate.
+            norm: Apply the final norm to the last stage's intermediate (the per-output norms of
+                an ``out_norms`` model always apply).
             stop_early: Stop after the last stage needed.
             output_fmt: 'NCHW' or 'NHWC' for the intermediates.
             intermediates_only: Only return the intermediates.
@@ -317,8 +325,9 @@ class Nat(nn.Module):
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
+                x_inter = self.out_norms[i](x) if self.out_norms is not None else x
                 # final norm is sized for (and only applied to) the last stage
-                x_inter = self.norm(x) if norm and i == num_stages - 1 else x
+                x_inter = self.norm(x_inter) if norm and i == num_stages - 1 else x_inter
                 if output_fmt == 'NCHW':
                     x_inter = x_inter.permute(0, 3, 1, 2).contiguous()
                 intermediates.append(x_inter)
@@ -340,6 +349,9 @@ class Nat(nn.Module):
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         self.stages = self.stages[:max_index + 1]
+        if self.out_norms is not None:  # the taken outputs keep their norms
+            self.out_norms = nn.ModuleList([
+                norm if i in take_indices else nn.Identity() for i, norm in enumerate(self.out_norms[:max_index + 1])])
         if prune_end:
             # features now end at the last kept stage; the head was sized for the final features
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
@@ -431,7 +443,8 @@ def _from_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
             else:
                 out[block + _rename_prefix(rest, _TRANSFORMERS_BLOCK_RENAMES)] = v
         else:
-            out[downsample_to_next_stage(k, 'encoder.levels.') or _rename_prefix(k, _TRANSFORMERS_RENAMES)] = v
+            out[downsample_to_next_stage(k, 'encoder.levels.') or out_norm_key(k)
+                or _rename_prefix(k, _TRANSFORMERS_RENAMES)] = v
     for name, parts in qkv_parts.items():
         if set(parts) != {'query', 'key', 'value'}:
             raise RuntimeError(f"incomplete query/key/value for {name}: only {sorted(parts)} in the checkpoint")
@@ -446,7 +459,7 @@ def _from_original(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
         if m := re.match(r'levels\.(\d+)\.blocks\.(\d+)\.(.+)$', k):
             k = f'stages.{m[1]}.blocks.{m[2]}.' + _rename_prefix(m[3], _ORIGINAL_BLOCK_RENAMES)
         else:
-            k = downsample_to_next_stage(k, 'levels.') or original_head_key(k)
+            k = downsample_to_next_stage(k, 'levels.') or out_norm_key(k) or original_head_key(k)
         out[k] = v
     return out
 
@@ -458,9 +471,10 @@ def remap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     query/key/value, ``layer_scale_parameters`` [2, dim], ``classifier``), the original
     repository's ``.pth`` layout (``levels.i.blocks.j``, ``gamma1``/``gamma2``, ``head``),
     optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``, or timm's own layout
-    (returned as is).
+    (returned as is). Of a whole detection / segmentation checkpoint (mmdet, mmseg, detectron2,
+    transformers OneFormer) only the backbone is taken, its per-output norms as ``out_norms.i``.
     """
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict, _ = split_backbone(unwrap_state_dict(state_dict))
     fmt = _checkpoint_format(state_dict)
     if fmt == 'transformers':
         return _from_transformers(state_dict)
@@ -473,9 +487,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """:func:`remap_checkpoint`, the stem adapted to the model's ``in_chans``, then a strict check.
 
     Raises listing every unexpected, missing or wrongly shaped key (the classifier excepted,
-    see :func:`._helpers.check_state_dict_fits`).
+    see :func:`._helpers.check_state_dict_fits`). Of a whole detection / segmentation checkpoint
+    only the backbone is used; the rest is counted in a warning.
     """
-    state_dict = adapt_input_conv_weight(remap_checkpoint(state_dict), model, _FIRST_CONV)
+    state_dict = adapt_input_conv_weight(remap_checkpoint(backbone_of_checkpoint(state_dict)), model, _FIRST_CONV)
     check_state_dict_fits(state_dict, model)
     return state_dict
 
@@ -492,20 +507,81 @@ def _create_nat(variant: str, pretrained: bool = False, filter_fn=checkpoint_fil
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretrained configs (facts from weights/checkpoints.toml) and registered architectures
+# Hyper-parameters from checkpoints: timm-named keys (any published layout, remapped) and transformers configs
 # ----------------------------------------------------------------------------------------------
 
-_cfg = functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=32)
+# hyper-parameters a config.json / --model-args may set, shared by the hierarchical families
+HIERARCHICAL_MODEL_KWARGS = frozenset({'embed_dim', 'num_heads', 'kernel_size', 'mlp_ratio', 'qkv_bias', 'depths',
+                                       'dilations', 'out_norms'})
 
 
-_ARCHITECTURES = (
-    'nat_mini', 'nat_tiny', 'nat_small', 'nat_base',
-    'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base',
-    'dinat_large', 'dinat_large_384', 'dinat_large_384_11x11',
-)
+def hierarchical_kwargs(state_dict: Dict[str, torch.Tensor], stem_ok: Callable[[Dict], bool]) -> Optional[Dict]:
+    """NAT / DiNAT / DiNAT_s sizes from timm names (``stages.i.blocks.j``); None if not this layout."""
+    stages = blocks_by_index(state_dict, r'stages\.(\d+)\.blocks\.(\d+)\.(.+)')
+    if not stages or sorted(stages) != list(range(len(stages))) or not stem_ok(state_dict):
+        return None
+    rpbs = {i: r for i in sorted(stages) if (r := first_of_blocks(stages[i], 'attn.rpb')) is not None}
+    dim, fc1 = first_of_blocks(stages[0], 'norm1.weight'), first_of_blocks(stages[0], 'mlp.fc1.weight')
+    if dim is None or fc1 is None or not rpbs:
+        return None
+    # heads double per stage in every published size: a stage whose RPB is missing altogether
+    # follows that rule, so the strict check names the missing key instead of every key
+    known, rpb = next(iter(rpbs.items()))
+    kwargs = dict(
+        embed_dim=dim.shape[0],
+        depths=tuple(max(stages[i]) + 1 for i in sorted(stages)),
+        num_heads=tuple(rpbs[i].shape[0] if i in rpbs else max(1, int(rpb.shape[0] * 2.0 ** (i - known)))
+                        for i in sorted(stages)),
+        kernel_size=(rpb.shape[-1] + 1) // 2,  # rpb is [heads, 2k-1, 2k-1]
+        mlp_ratio=fc1.shape[0] / dim.shape[0],
+    )
+    if first_of_blocks(stages[0], 'ls1.gamma') is not None:
+        kwargs['ls_init_value'] = 1e-5  # the published init; loaded weights replace it
+    if 'out_norms.0.weight' in state_dict:  # a detection / segmentation backbone
+        kwargs['out_norms'] = True
+    return kwargs
 
-default_cfgs = generate_default_cfgs(registry_default_cfgs(_ARCHITECTURES, _cfg))
 
+def downsample_dims(state_dict: Dict[str, torch.Tensor]) -> Set[int]:
+    """Ranks of the downsamplers' weights: 4 for NAT's convs, 2 for Swin's linear patch merging."""
+    return {v.dim() for k, v in state_dict.items() if re.fullmatch(r'stages\.\d+\.downsample\.reduction\.weight', k)}
+
+
+def _infer_kwargs(state_dict: Dict[str, torch.Tensor], arch: Optional[str] = None) -> Optional[Dict]:
+    """NAT / DiNAT: two-conv stem (``patch_embed.proj.0/1``), conv downsamplers."""
+    return hierarchical_kwargs(state_dict, lambda sd: (
+        'patch_embed.proj.1.weight' in sd or 'patch_embed.proj.0.weight' in sd or downsample_dims(sd) == {4}))
+
+
+def dilations_hint(depths: Sequence[int]) -> str:
+    """How to pass dilations for ``depths`` on the converter's command line."""
+    return f"""'{{"dilations": [[...], ...]}}' (per stage, one per block: {', '.join(map(str, depths))})"""
+
+
+def _candidates(kwargs: Dict) -> List[Tuple[str, str]]:
+    return [('nat_mini', 'NAT: dilation 1 in every block'),
+            ('dinat_mini', f"DiNAT: also pass --model-args {dilations_hint(kwargs['depths'])}")]
+
+
+def _kwargs_from_transformers_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """timm kwargs of a transformers ``NatConfig`` / ``DinatConfig`` dict (KeyError / TypeError if mangled)."""
+    kwargs = dict(
+        embed_dim=config['embed_dim'],
+        depths=tuple(config['depths']),
+        num_heads=tuple(config['num_heads']),
+        kernel_size=config['kernel_size'],
+        mlp_ratio=config['mlp_ratio'],
+    )
+    if config.get('layer_scale_init_value'):  # transformers: 0.0 means no layer scale
+        kwargs['ls_init_value'] = config['layer_scale_init_value']
+    if config['model_type'] == 'dinat':
+        kwargs['dilations'] = tuple(tuple(d) for d in config['dilations'])
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered architectures (pretrained cfgs: facts from weights/checkpoints.toml)
+# ----------------------------------------------------------------------------------------------
 
 def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> Tuple[Tuple[int, ...], ...]:
     """DiNAT's schedule: blocks alternate dilation 1 (local) and the stage's dilation (sparse global)."""
@@ -516,98 +592,41 @@ def dinat_dilations(depths: Sequence[int], stage_dilations: Sequence[int]) -> Tu
 
 _DEPTHS_MINI = (3, 4, 6, 5)
 _DEPTHS = (3, 4, 18, 5)
-_DILATIONS_224 = (8, 4, 2, 1)  # stage dilations for 224 inputs (56, 28, 14, 7 maps, kernel 7)
-_DILATIONS_384 = (13, 6, 3, 1)  # for 384 inputs (96, 48, 24, 12 maps)
+DILATIONS_224 = (8, 4, 2, 1)  # stage dilations for 224 inputs (56, 28, 14, 7 maps, kernel 7)
+DILATIONS_384 = (13, 6, 3, 1)  # for 384 inputs (96, 48, 24, 12 maps)
+_MINI = dict(embed_dim=64, depths=_DEPTHS_MINI, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7)
+_TINY = dict(_MINI, depths=_DEPTHS)
+_SMALL = dict(embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2., kernel_size=7)
+_BASE = dict(embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5)
+_LARGE = dict(embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7)
 
-
-@register_model
-def nat_mini(pretrained: bool = False, **kwargs) -> Nat:
-    """NAT-Mini."""
-    model_args = dict(embed_dim=64, depths=_DEPTHS_MINI, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7)
-    return _create_nat('nat_mini', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def nat_tiny(pretrained: bool = False, **kwargs) -> Nat:
-    """NAT-Tiny."""
-    model_args = dict(embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7)
-    return _create_nat('nat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def nat_small(pretrained: bool = False, **kwargs) -> Nat:
-    """NAT-Small (layer scale)."""
-    model_args = dict(
-        embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5)
-    return _create_nat('nat_small', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def nat_base(pretrained: bool = False, **kwargs) -> Nat:
-    """NAT-Base (layer scale)."""
-    model_args = dict(
-        embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5)
-    return _create_nat('nat_base', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_mini(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Mini."""
-    model_args = dict(
-        embed_dim=64, depths=_DEPTHS_MINI, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS_MINI, _DILATIONS_224))
-    return _create_nat('dinat_mini', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_tiny(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Tiny."""
-    model_args = dict(
-        embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_nat('dinat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_small(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Small (no layer scale, unlike NAT-Small)."""
-    model_args = dict(
-        embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_nat('dinat_small', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_base(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Base (layer scale)."""
-    model_args = dict(
-        embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2., kernel_size=7, ls_init_value=1e-5,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_nat('dinat_base', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_large(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Large, 224 (no layer scale)."""
-    model_args = dict(
-        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_nat('dinat_large', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_large_384(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Large, 384 (dilations scaled to the larger maps)."""
-    model_args = dict(
-        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=7,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_384))
-    return _create_nat('dinat_large_384', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_model
-def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> Nat:
-    """DiNAT-Large, 384, 11x11 kernel (with the 224 dilations)."""
-    model_args = dict(
-        embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2., kernel_size=11,
-        dilations=dinat_dilations(_DEPTHS, _DILATIONS_224))
-    return _create_nat('dinat_large_384_11x11', pretrained=pretrained, **dict(model_args, **kwargs))
+FAMILY = register_family(ModelFamily(
+    name='nat',
+    module=__name__,
+    architectures={
+        'nat_mini': Arch("NAT-Mini.", _MINI),
+        'nat_tiny': Arch("NAT-Tiny.", _TINY),
+        'nat_small': Arch("NAT-Small (layer scale).", dict(_SMALL, ls_init_value=1e-5)),
+        'nat_base': Arch("NAT-Base (layer scale).", _BASE),
+        'dinat_mini': Arch("DiNAT-Mini.", dict(_MINI, dilations=dinat_dilations(_DEPTHS_MINI, DILATIONS_224))),
+        'dinat_tiny': Arch("DiNAT-Tiny.", dict(_TINY, dilations=dinat_dilations(_DEPTHS, DILATIONS_224))),
+        'dinat_small': Arch("DiNAT-Small (no layer scale, unlike NAT-Small).",
+                            dict(_SMALL, dilations=dinat_dilations(_DEPTHS, DILATIONS_224))),
+        'dinat_base': Arch("DiNAT-Base (layer scale).", dict(_BASE, dilations=dinat_dilations(_DEPTHS, DILATIONS_224))),
+        'dinat_large': Arch("DiNAT-Large, 224 (no layer scale).",
+                            dict(_LARGE, dilations=dinat_dilations(_DEPTHS, DILATIONS_224))),
+        'dinat_large_384': Arch("DiNAT-Large, 384 (dilations scaled to the larger maps).",
+                                dict(_LARGE, dilations=dinat_dilations(_DEPTHS, DILATIONS_384))),
+        'dinat_large_384_11x11': Arch("DiNAT-Large, 384, 11x11 kernel (with the 224 dilations).",
+                                      dict(_LARGE, kernel_size=11, dilations=dinat_dilations(_DEPTHS, DILATIONS_224))),
+    },
+    build=_create_nat,
+    make_cfg=functools.partial(family_cfg, first_conv=_FIRST_CONV, reduction=32),
+    remap_checkpoint=remap_checkpoint,
+    checkpoint_filter_fn=checkpoint_filter_fn,
+    model_kwargs=HIERARCHICAL_MODEL_KWARGS | {'ls_init_value'},
+    infer_kwargs=_infer_kwargs,
+    candidates=_candidates,
+    transformers_model_types={'nat': 'nat_mini', 'dinat': 'dinat_mini'},
+    kwargs_from_transformers_config=_kwargs_from_transformers_config,
+))

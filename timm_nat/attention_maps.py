@@ -2,7 +2,7 @@
 
 The models run the fused ``na2d``, which never materialises attention weights. Forward hooks
 on every attention module recompute them from the module's input on the unfused legacy path
-(``softmax(q * scale . k + rpb)`` over each query's window), so nothing in the models changes
+(``softmax(q * scale . k + rpb)`` over each query's window, :mod:`.attention.unfused`), so nothing in the models changes
 and any forward (``model(x)``, ``forward_features``, ``forward_intermediates``, a
 ``features_only`` backbone) can be recorded.
 """
@@ -15,9 +15,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..layers import NeighborhoodAttention2d, RelPosGlobalAttention
-from .functional import _qk, natten2dqkrpb
-from .modules import pad_to_window
+from .attention.unfused import window_logits
+from .layers import NeighborhoodAttention2d, RelPosGlobalAttention, pad_to_window
 
 __all__ = ["attention_maps", "record_attention_maps", "neighborhood_weights", "global_weights"]
 
@@ -40,7 +39,7 @@ def neighborhood_weights(module: NeighborhoodAttention2d, x: torch.Tensor, logit
     """
     height, width = x.shape[1:3]
     q, k = _heads_first_qk(module, pad_to_window(x, module.window_size))
-    scores = natten2dqkrpb(q, k, module.rpb, module.kernel_size, module.dilation)[:, :, :height, :width]
+    scores = window_logits(q, k, module.rpb, module.kernel_size, module.dilation)[:, :, :height, :width]
     return scores if logits else scores.softmax(dim=-1)
 
 
@@ -49,7 +48,7 @@ def global_weights(module: nn.Module, x: torch.Tensor, logits: bool = False) -> 
     keys in row-major order. Global attention is neighbourhood attention with the whole map as window."""
     height, width = x.shape[1:3]
     q, k = _heads_first_qk(module, x)
-    scores = _qk(q, k, module.rel_pos_bias_table((height, width)), (height, width), (1, 1))
+    scores = window_logits(q, k, module.rel_pos_bias_table((height, width)), (height, width), (1, 1))
     return scores if logits else scores.softmax(dim=-1)
 
 
