@@ -99,6 +99,15 @@ def test_features_are_nchw_stage_maps_of_a_tagged_model():
     assert features.model.pretrained_cfg['tag'] == 'in1k'
 
 
+def test_a_detection_tag_builds_its_backbone():
+    features = TimmNatFeatures('dinat_tiny.maskrcnn_coco', frozen_stages=1)
+    net = features.model.model
+    assert features.model.pretrained_cfg['tag'] == 'maskrcnn_coco' and len(net.out_norms) == 4
+    assert net.stages[0].blocks[1].attn.dilation == (28, 28)  # the COCO dilations, not ImageNet's
+    maps = features(torch.randn(1, 3, 64, 96))
+    assert [m.shape[1] for m in maps] == features.channels == [64, 128, 256, 512]
+
+
 @pytest.mark.parametrize('frozen_stages', [-2, 5, 1.0, True, None])
 def test_frozen_stages_out_of_range_is_refused(frozen_stages):
     with pytest.raises(ValueError, match=rf'frozen_stages={re.escape(repr(frozen_stages))}: expected an int from -1'):
