@@ -434,9 +434,11 @@ def test_all_only_must_match_something(tmp_path, capsys):
 # Detection / segmentation backbones (weights/downstream.toml)
 # ----------------------------------------------------------------------------------------------
 
-def test_all_offline_checks_downstream_backbones(tmp_path, capsys, offline_caches):
+def test_all_offline_checks_downstream_backbones(tmp_path, capsys, offline_caches, monkeypatch):
     """Not downloadable: built with the entry's arguments, the exact computed backbone parameter count,
-    and the four normed stage maps of a forward at the reduced (padding) size."""
+    and the four normed stage maps of a forward (here at a reduced size, at which attention pads; the
+    main job runs each at its task's test size)."""
+    monkeypatch.setattr(timm_nat.convert.batch, "BACKBONE_CHECK_SIZE", (3, 192, 256))
     status = main(["--all", "--output-dir", str(tmp_path / "out"), "--only", "dinat_tiny.maskrcnn_coco",
                    "dinat_s_tiny.upernet_ade20k"])
     out = capsys.readouterr().out
@@ -453,6 +455,7 @@ def test_all_flags_a_backbone_parameter_count_that_disagrees(tmp_path, capsys, o
     from timm_nat.pretrained import load_downstream_registry
     wrong = [dict(e, backbone_params=e["backbone_params"] + 1) for e in load_downstream_registry()]
     monkeypatch.setattr(timm_nat.convert.batch, "load_downstream_registry", lambda: tuple(wrong))
+    monkeypatch.setattr(timm_nat.convert.batch, "BACKBONE_CHECK_SIZE", (3, 192, 256))
     assert main(["--all", "--output-dir", str(tmp_path / "out"), "--only", "nat_mini.maskrcnn_coco"]) == 1
     assert "params NO 19,472,070 != 19,472,071 backbone (computed)" in capsys.readouterr().out
 

@@ -70,6 +70,11 @@ def _flags(capability: str) -> list[str]:
     flags = ["-O3", f"-DCPU_CAPABILITY={capability}"]
     if capability != "DEFAULT":
         flags += [f"-DCPU_CAPABILITY_{capability}"] + _ISA_FLAGS[capability]
+    if platform.system() == "Linux" and torch.backends.openmp.is_available():
+        # at::parallel_for is OpenMP inline in ATen's headers: without -fopenmp it runs serially. Only
+        # compiled with it, not linked: the GOMP symbols resolve to the runtime torch already loaded
+        # (through libtorch_cpu), so the kernel shares torch's thread pool and its set_num_threads.
+        flags.append("-fopenmp")
     return flags
 
 
