@@ -146,8 +146,10 @@ def _load_library(directory: str, name: str, flags: list[str]) -> None:
         torch.ops.load_library(library_path)
         return
     os.makedirs(directory, exist_ok=True)
-    from filelock import FileLock  # a torch dependency; the lock torch's own build takes too
-    with FileLock(os.path.join(directory, "lock")):  # a concurrent first build finishes before we look
+    from filelock import FileLock  # a torch dependency
+    # Our own lock file: torch < 2.15 builds under a baton that waits for a file named "lock" to
+    # disappear, and filelock leaves its file behind (a shared name deadlocked the first build).
+    with FileLock(os.path.join(directory, "timm_nat.lock")):  # a concurrent first build finishes before we look
         if os.path.exists(library_path):
             torch.ops.load_library(library_path)
             return
