@@ -14,6 +14,7 @@ from timm.optim import create_optimizer_v2
 
 import timm_nat  # noqa: F401  (registers the models)
 from timm_nat._timm_compat import reset_classifier_head
+from conftest import assert_close
 
 pytestmark = pytest.mark.floor
 
@@ -118,5 +119,7 @@ def test_compiled_na2d_gradients_equal_eager():
 
     eager = grads(attend)
     compiled = grads(torch.compile(attend, backend="aot_eager"))
+    # Eager runs the fused kernel (threads sum drpb in another order), compiled runs tiled: the golden
+    # bound (1e-5 of max(1, max|expected|)); the zero gradients this guards against fail it by far.
     for name, ours, expected in zip(("out", "dq", "dk", "dv", "drpb"), compiled, eager):
-        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert_close(name, ours, expected)
