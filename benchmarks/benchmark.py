@@ -14,8 +14,8 @@ are counted with ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs, attention
 kernel*kernel keys per query).
 
 ops: one attention call at the shapes of ``benchmarks.common.SHAPES`` (head dim 32, kernel 7, fp32),
-forward and forward+backward: the ``na2d`` backends with RPB (``natten`` without: NATTEN has none)
-and ``sdpa-49``, dense SDPA over Swin's 7x7 windows (the same 49 keys per query; a bias without
+forward, forward+backward and the backward alone (over one kept graph): the ``na2d`` backends
+with RPB (``natten`` without: NATTEN has none) and ``sdpa-49``, dense SDPA over Swin's 7x7 windows (the same 49 keys per query; a bias without
 gradient, so SDPA runs its fused kernels both ways). "x" is time over the ``--baseline`` backend's
 (default sdpa-49) at the same shape. Peak MB is what tensors hold above the inputs.
 
@@ -205,6 +205,11 @@ def measure_op(shape: str, backend: str, device: str, repeats: int, clock: str =
 
         row[mode] = median_seconds(call, repeats, clock=CLOCKS[clock], synchronize=sync) * 1e3
         row[mode + " MB"] = peak_tensor_bytes(call, device) / 2**20
+        if train:  # the backward alone, over one kept graph (fwd+bwd minus an inference fwd would mix kernels)
+            out = attend(q, k, v, bias)
+            leaves = [t for t in (q, k, v, bias) if t is not None and t.requires_grad]
+            row["bwd"] = median_seconds(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), repeats,
+                                        clock=CLOCKS[clock], synchronize=sync) * 1e3
     return row
 
 
@@ -230,8 +235,6 @@ def ops_table(args) -> dict:
             if "error" in row:
                 print(f"{shape:<10} {dims:<16} {backend:<10} {row['error']}", flush=True)
                 continue
-            if "fwd+bwd" in row:
-                row["bwd"] = row["fwd+bwd"] - row["fwd"]
             base = results.get((shape, args.baseline), {}) if backend != args.baseline else {}
 
             def fmt(key, width):

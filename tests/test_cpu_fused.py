@@ -112,6 +112,34 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda *x: na2d_cpu_fused(*x[:3], (3, 2), (2, 3), x[3], 0.7), (q, k, v, rpb))
 
 
+@pytest.mark.parametrize("batch,height,dilation", [(1, 40, (1, 1)), (1, 37, (2, 3)), (3, 23, (3, 1)), (1, 9, (1, 2))])
+def test_backward_is_the_same_at_every_thread_count(batch, height, dilation):
+    """The backward splits (image, row dilation group) into bands of key rows when they are fewer
+    than the threads, each band recomputing its halo query rows' (p, dlogits) pairs in a ring: dq,
+    dk, dv are bitwise the same at 1-5 threads (each element has one owner and one summation order)
+    and equal the fp64 reference; drpb is summed per band, so only to rounding."""
+    gen = torch.Generator().manual_seed(8)
+    kernel = (3, 5)
+    q, k, v, grad_out = (torch.randn(batch, height, 31, 2, 16, generator=gen) for _ in range(4))
+    rpb = torch.randn(2, 5, 9, generator=gen)
+    inputs = [t.requires_grad_() for t in (q, k, v, rpb)]
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results[threads] = _forward_and_grads(*inputs[:3], kernel, dilation, inputs[3], 0.25, grad_out)
+    finally:
+        torch.set_num_threads(previous)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    ref = _forward_and_grads(*wide[:3], kernel, dilation, wide[3], 0.25, grad_out.double(), na2d_reference)
+    for threads, ours in results.items():
+        for name, a, b, single in zip(("out", "dq", "dk", "dv", "drpb"), ours, ref, results[1]):
+            _assert_close(f"{threads} threads {name}", a.double(), b)
+            if name != "drpb":
+                assert torch.equal(a, single), f"{name} at {threads} threads differs from 1 thread"
+
+
 def test_strided_inputs_and_optional_grads():
     """q, k, v as views of one fused qkv tensor (what the model passes); rpb without grad, and no rpb."""
     gen = torch.Generator().manual_seed(6)

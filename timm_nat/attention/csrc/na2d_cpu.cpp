@@ -16,10 +16,12 @@
 //
 // Backward: probabilities are recomputed from the saved logsumexp, and the softmax's
 // delta = sum_slot p * (grad . v) is summed in the accumulation type (it needs no output, and
-// bf16 outputs would round it); the query pass computes dq and drpb (per-chunk partial tables)
-// and stores (p, dlogits) pairs per (query, slot); the key pass gathers dk and dv over each
-// key's inverse neighbourhood (the queries whose windows hold it), so every thread writes
-// disjoint rows: no atomics, deterministic.
+// bf16 outputs would round it). Work is split into (image, row dilation group, band of rows)
+// tasks; a task walks its key rows in order, first computing each query row its next key row
+// needs (dq, drpb into a per-task partial table, and the (p, dlogits) pairs of every slot, kept in
+// a ring of the last few query rows), then gathering that key row's dk and dv over each key's
+// inverse neighbourhood (the queries whose windows hold it) from the ring. Every output element
+// has one owner: no atomics, deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -406,7 +408,7 @@ void forward_kernel(const Problem& p, const at::Tensor& query, const at::Tensor&
   });
 }
 
-// The backward's tensors beyond Maps: grad_out, the logsumexp, the gradients, the (p, dlogits) pairs.
+// The backward's tensors beyond Maps: grad_out, the logsumexp and the gradients.
 template <typename T>
 struct BackwardMaps : Maps<T> {
   using A = acc_t<T>;
@@ -414,50 +416,69 @@ struct BackwardMaps : Maps<T> {
   const A* lse;
   Strided gs, dqs, dks, dvs;
   T *dq, *dk, *dv;
-  A* pairs;  // [B, H, W, heads, kh*kw, 2]: (p, dlogits) of every (query, slot)
-  // per inverse entry of each axis, the parts of its pair index and grad_out / query offsets
-  std::vector<int64_t> row_pair, row_g, row_q, col_pair, col_g, col_q;
+  // per inverse entry of each axis: grad_out / query offsets, and the slot's place in a pair row
+  std::vector<int64_t> row_g, row_q, row_slot, col_pair, col_g, col_q;
   BackwardMaps(const Problem& p_, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
                const at::Tensor& value, const at::Tensor& lse_, A scale_, at::Tensor& dq_, at::Tensor& dk_,
-               at::Tensor& dv_, A* pairs_)
+               at::Tensor& dv_)
       : Maps<T>(p_, query, key, value, scale_), g(grad_out.const_data_ptr<T>()), lse(lse_.const_data_ptr<A>()),
         gs(grad_out), dqs(dq_), dks(dk_), dvs(dv_), dq(dq_.mutable_data_ptr<T>()), dk(dk_.mutable_data_ptr<T>()),
-        dv(dv_.mutable_data_ptr<T>()), pairs(pairs_) {
-    const int64_t pair_row = p_.width * p_.heads * p_.window, pair_col = p_.heads * p_.window;
+        dv(dv_.mutable_data_ptr<T>()) {
     for (size_t a = 0; a < p_.rows.inverse_query.size(); ++a) {
       const int64_t i = p_.rows.inverse_query[a];
-      row_pair.push_back(2 * (i * pair_row + p_.rows.inverse_slot[a] * p_.kw));
       row_g.push_back(i * gs.h);
       row_q.push_back(i * this->qs.h);
+      row_slot.push_back(p_.rows.inverse_slot[a] * p_.kw);
     }
+    const int64_t pair_col = p_.heads * 2 * p_.padded_window;
     for (size_t e = 0; e < p_.cols.inverse_query.size(); ++e) {
       const int64_t j = p_.cols.inverse_query[e];
-      col_pair.push_back(2 * (j * pair_col + p_.cols.inverse_slot[e]));
+      col_pair.push_back(j * pair_col + p_.cols.inverse_slot[e]);
       col_g.push_back(j * gs.w);
       col_q.push_back(j * this->qs.w);
     }
   }
 };
 
-// dq of query (b, i, j, head), its window's dlogits added to bias_grad (if any), and its (p,
-// dlogits) pairs stored. scratch: 3 * padded_window.
+// The (p, dlogits) pairs of the query rows a band of key rows reads, [ring rows][W][heads][2][padded
+// window] (p, then dlogits, each as the query pass's vectors left them):
+// query rows of one dilation group are computed in order into a ring of as many rows as any key
+// row's inverse neighbourhood spans, and each key row is gathered as soon as its last query row is
+// there. A few hundred KB that stay in cache, where one pair table for the whole batch (kh*kw*8
+// bytes per query and head) went through memory and its fresh pages' faults.
+template <typename A>
+struct PairRing {
+  int64_t rows, row_size;  // row_size: entries per query row
+  std::vector<A> storage;
+};
+
+// Group-row (position / dilation) of the first and last query that sees key position pos.
+inline int64_t first_viewer(const AxisWindows& axis, int64_t pos) {
+  return axis.inverse_query[axis.inverse_begin[pos]] / axis.dilation;
+}
+inline int64_t last_viewer(const AxisWindows& axis, int64_t pos) {
+  return axis.inverse_query[axis.inverse_begin[pos + 1] - 1] / axis.dilation;
+}
+
+// dq of query (b, i, j, head) (when owned), its window's dlogits added to bias_grad (if any), and
+// its p and dlogits stored at pair_out and pair_out + padded_window. scratch: padded_window.
 template <typename T, int NV>
 NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i, int64_t j, int64_t head,
-                                  const acc_t<T>* bias, acc_t<T>* bias_grad, acc_t<T>* scratch) {
+                                  const acc_t<T>* bias, acc_t<T>* bias_grad, acc_t<T>* pair_out, bool owned,
+                                  acc_t<T>* scratch) {
   using A = acc_t<T>;
   using Vec = Vectorized<A>;
   const Problem& p = m.p;
-  A* probs = scratch;
-  A* grad_dots = scratch + p.padded_window;
-  A* dlogits = scratch + 2 * p.padded_window;
+  A* probs = pair_out;
+  A* dlogits = pair_out + p.padded_window;
+  A* grad_dots = scratch;
   HeadVec<A, NV> scaled_q(p.dim), grad(p.dim), dq_acc(p.dim);
   Vec partial_qk[Vec::size()], partial_gv[Vec::size()];
-  const int64_t query_index = p.query_index(b, i, j, head);
   scaled_q.load(m.q + m.qs.at(b, i, j, head), m.scale);
   grad.load(m.g + m.gs.at(b, i, j, head), A(1));
   const T* key_window = m.key_window(b, i, j, head);
   const T* value_window = m.value_window(b, i, j, head);
-  const Vec query_lse(m.lse[query_index]);
+  const Vec query_lse(m.lse[p.query_index(b, i, j, head)]);
   Vec delta_acc(A(0));
   for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
     partial_dots(p, first, scaled_q, key_window, m.key_slots.data(), partial_qk);
@@ -471,13 +492,9 @@ NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i
   const Vec delta(hsum(delta_acc));  // grad . out, from the probabilities in A
   for (int64_t first = 0; first < p.padded_window; first += Vec::size())
     (Vec::loadu(probs + first) * (Vec::loadu(grad_dots + first) - delta)).store(dlogits + first);
+  if (!owned) return;  // a halo row: only its pairs were wanted
   dq_acc.zero();
-  A* pair_out = m.pairs + query_index * p.window * 2;
-  for (int64_t slot = 0; slot < p.window; ++slot) {
-    dq_acc.axpy(dlogits[slot], key_window + m.key_slots[slot]);
-    pair_out[2 * slot] = probs[slot];
-    pair_out[2 * slot + 1] = dlogits[slot];
-  }
+  for (int64_t slot = 0; slot < p.window; ++slot) dq_acc.axpy(dlogits[slot], key_window + m.key_slots[slot]);
   if (bias_grad) {
     for (int64_t ti = 0; ti < p.kh; ++ti)
       for (int64_t tj = 0; tj < p.kw; ++tj) bias_grad[ti * p.bias_w + tj] += dlogits[ti * p.kw + tj];
@@ -485,30 +502,64 @@ NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i
   dq_acc.store(m.dq + m.dqs.at(b, i, j, head), m.scale);
 }
 
-// dk and dv of key (b, r, c, head), gathered over the queries whose windows hold it.
+// dk and dv of key (b, r, c, head), gathered over the queries whose windows hold it; their pairs
+// are in the ring.
 template <typename T, int NV>
-NA2D_NOINLINE void backward_key(const BackwardMaps<T>& m, int64_t b, int64_t r, int64_t c, int64_t head) {
+NA2D_NOINLINE void backward_key(const BackwardMaps<T>& m, const PairRing<acc_t<T>>& ring, int64_t b, int64_t r, int64_t c,
+                                int64_t head) {
   using A = acc_t<T>;
   const Problem& p = m.p;
   HeadVec<A, NV> dk_acc(p.dim), dv_acc(p.dim);
   dk_acc.zero();
   dv_acc.zero();
-  const A* pair_base = m.pairs + 2 * ((b * p.height * p.width * p.heads + head) * p.window);
+  const A* pair_base = ring.storage.data() + head * 2 * p.padded_window;
   const T* g_base = m.g + b * m.gs.b + head * m.gs.n;
   const T* q_base = m.q + b * m.qs.b + head * m.qs.n;
   const int64_t col_begin = p.cols.inverse_begin[c], col_end = p.cols.inverse_begin[c + 1];
   for (int64_t a = p.rows.inverse_begin[r]; a < p.rows.inverse_begin[r + 1]; ++a) {
-    const A* pair_row = pair_base + m.row_pair[a];
+    const int64_t ring_row = (p.rows.inverse_query[a] / p.rows.dilation) % ring.rows;
+    const A* pair_row = pair_base + ring_row * ring.row_size + m.row_slot[a];
     const T* g_row = g_base + m.row_g[a];
     const T* q_row = q_base + m.row_q[a];
     for (int64_t e = col_begin; e < col_end; ++e) {
       const A* pair = pair_row + m.col_pair[e];
       dv_acc.axpy(pair[0], g_row + m.col_g[e]);
-      dk_acc.axpy(pair[1], q_row + m.col_q[e]);
+      dk_acc.axpy(pair[p.padded_window], q_row + m.col_q[e]);
     }
   }
   dk_acc.store(m.dk + m.dks.at(b, r, c, head), m.scale);
   dv_acc.store(m.dv + m.dvs.at(b, r, c, head), A(1));
+}
+
+// One task of the backward: image b, row dilation group `group`, key group-rows [band_begin,
+// band_end). It owns those rows' dq, dk, dv and adds its queries' dlogits to bias_partial; query
+// rows just outside the band (the halo) are recomputed for their pairs only.
+template <typename T, int NV>
+void backward_band(const BackwardMaps<T>& m, WindowBias<acc_t<T>>& window_bias, PairRing<acc_t<T>>& ring,
+                   acc_t<T>* scratch, acc_t<T>* bias_partial, int64_t b, int64_t group, int64_t band_begin,
+                   int64_t band_end) {
+  using A = acc_t<T>;
+  const Problem& p = m.p;
+  const int64_t d = p.rows.dilation;
+  int64_t next_query = first_viewer(p.rows, group + d * band_begin);
+  for (int64_t t = band_begin; t < band_end; ++t) {
+    const int64_t r = group + d * t;
+    for (const int64_t last = last_viewer(p.rows, r); next_query <= last; ++next_query) {
+      const int64_t i = group + d * next_query;
+      const bool owned = next_query >= band_begin && next_query < band_end;
+      A* pair_row = ring.storage.data() + (next_query % ring.rows) * ring.row_size;
+      for (int64_t j = 0; j < p.width; ++j) {
+        for (int64_t head = 0; head < p.heads; ++head) {
+          A* bias_grad = bias_partial && owned ? bias_partial + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w +
+                                                     p.cols.first_bias[j] : nullptr;
+          backward_query<T, NV>(m, b, i, j, head, window_bias.get(head, i, j), bias_grad,
+                                pair_row + (j * p.heads + head) * 2 * p.padded_window, owned, scratch);
+        }
+      }
+    }
+    for (int64_t c = 0; c < p.width; ++c)
+      for (int64_t head = 0; head < p.heads; ++head) backward_key<T, NV>(m, ring, b, r, c, head);
+  }
 }
 
 template <typename T, int NV>
@@ -516,51 +567,41 @@ void backward_kernel(const Problem& p, const at::Tensor& grad_out, const at::Ten
                      const at::Tensor& value, const at::Tensor& lse, const acc_t<T>* rpb, acc_t<T> scale,
                      at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& drpb) {
   using A = acc_t<T>;
-  // a tensor, so that allocation tracking (the profiler) sees it
-  at::Tensor pair_tensor = at::empty({p.batch * p.height * p.width * p.heads * p.window * 2}, lse.options());
-  const BackwardMaps<T> m(p, grad_out, query, key, value, lse, scale, dq, dk, dv, pair_tensor.mutable_data_ptr<A>());
+  const BackwardMaps<T> m(p, grad_out, query, key, value, lse, scale, dq, dk, dv);
+  const int64_t d = p.rows.dilation, height_groups = std::min(d, p.height);
+  int64_t ring_rows = 1;  // the most group-rows any key row's viewers span
+  for (int64_t r = 0; r < p.height; ++r)
+    ring_rows = std::max(ring_rows, last_viewer(p.rows, r) - first_viewer(p.rows, r) + 1);
+  // Tasks: (image, row group, band). Bands split a group only where images x groups give fewer
+  // tasks than threads; each band recomputes up to kernel - 1 halo rows, so bands stay >= kernel rows.
+  const int64_t group_rows = (p.height + d - 1) / d;  // of the longest group
+  const int64_t threads = std::max(at::get_num_threads(), 1);
+  const int64_t wanted = (threads + p.batch * height_groups - 1) / (p.batch * height_groups);
+  const int64_t bands = std::max<int64_t>(1, std::min(wanted, group_rows / p.kh));
+  const int64_t tasks = p.batch * height_groups * bands;
   const bool with_bias_grad = drpb.numel() > 0;
   const int64_t bias_numel = p.heads * p.bias_h * p.bias_w;
-  // One drpb partial table per chunk of rows (chunks, not threads, own them: no races however
-  // the pool maps chunks to threads), summed in chunk order: deterministic.
-  const int64_t rows_total = p.batch * p.height;
-  const int64_t chunks = std::min<int64_t>(std::max(at::get_num_threads(), 1), rows_total);
-  const int64_t rows_per_chunk = (rows_total + chunks - 1) / chunks;
-  std::vector<A> bias_partial(with_bias_grad ? chunks * bias_numel : 0, A(0));
-
-  // Query pass: dq, drpb, and the (p, dlogits) pairs for the key pass.
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<A> scratch(3 * p.padded_window);
+  // one drpb partial table per task (tasks, not threads, own them: no races however the pool maps
+  // tasks to threads), summed in task order: deterministic
+  std::vector<A> bias_partial(with_bias_grad ? tasks * bias_numel : 0, A(0));
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    std::vector<A> scratch(p.padded_window);
     WindowBias<A> window_bias(p, rpb);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      A* chunk_bias = with_bias_grad ? bias_partial.data() + chunk * bias_numel : nullptr;
-      const int64_t begin = chunk * rows_per_chunk, end = std::min(rows_total, begin + rows_per_chunk);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / p.height, i = row % p.height;
-        for (int64_t j = 0; j < p.width; ++j) {
-          for (int64_t head = 0; head < p.heads; ++head) {
-            A* bias_grad = chunk_bias ? chunk_bias + (head * p.bias_h + p.rows.first_bias[i]) * p.bias_w +
-                                            p.cols.first_bias[j] : nullptr;
-            backward_query<T, NV>(m, b, i, j, head, window_bias.get(head, i, j), bias_grad, scratch.data());
-          }
-        }
-      }
+    PairRing<A> ring{ring_rows, p.width * p.heads * 2 * p.padded_window, {}};
+    ring.storage.resize(ring.rows * ring.row_size);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t b = task / (height_groups * bands), group = task / bands % height_groups, band = task % bands;
+      const int64_t rows = (p.height - group + d - 1) / d;  // group-rows of this group
+      const int64_t band_begin = rows * band / bands, band_end = rows * (band + 1) / bands;
+      backward_band<T, NV>(m, window_bias, ring, scratch.data(),
+                           with_bias_grad ? bias_partial.data() + task * bias_numel : nullptr, b, group, band_begin,
+                           band_end);
     }
   });
-
-  // Key pass: every key gathers from the queries whose windows hold it.
-  at::parallel_for(0, rows_total, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / p.height, r = row % p.height;
-      for (int64_t c = 0; c < p.width; ++c)
-        for (int64_t head = 0; head < p.heads; ++head) backward_key<T, NV>(m, b, r, c, head);
-    }
-  });
-
   if (with_bias_grad) {
     A* out_bias = drpb.mutable_data_ptr<A>();
-    for (int64_t chunk = 0; chunk < chunks; ++chunk)
-      for (int64_t e = 0; e < bias_numel; ++e) out_bias[e] += bias_partial[chunk * bias_numel + e];
+    for (int64_t task = 0; task < tasks; ++task)
+      for (int64_t e = 0; e < bias_numel; ++e) out_bias[e] += bias_partial[task * bias_numel + e];
   }
 }
 
