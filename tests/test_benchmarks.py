@@ -57,8 +57,8 @@ def test_unknown_cell_kind_is_refused_by_name():
 
 
 def test_ops_table_ratios_are_time_over_the_named_baseline(monkeypatch, capsys):
-    measured = {"sdpa-49": {"fwd": 2.0, "fwd+bwd": 5.0, "fwd MB": 1.0, "fwd+bwd MB": 2.0},
-                "tiled": {"fwd": 3.0, "fwd+bwd": 9.0, "fwd MB": 1.5, "fwd+bwd MB": 4.0}}
+    measured = {"sdpa-49": {"fwd": 2.0, "fwd+bwd": 5.0, "bwd": 2.5, "fwd MB": 1.0, "fwd+bwd MB": 2.0},
+                "tiled": {"fwd": 3.0, "fwd+bwd": 9.0, "bwd": 5.0, "fwd MB": 1.5, "fwd+bwd MB": 4.0}}
     monkeypatch.setattr(benchmark, "_run_cells",
                         lambda args, specs: {benchmark._key(s): dict(measured[s["backend"]]) for s in specs})
     args = benchmark._parser().parse_args(["ops", "--shapes", "tiny", "--backends", "tiled", "sdpa-49"])
@@ -66,9 +66,9 @@ def test_ops_table_ratios_are_time_over_the_named_baseline(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "x = time over sdpa-49's at the same shape" in out and "target" not in out
     rows = [line.split()[2:] for line in out.splitlines() if line.startswith("tiny ")]
-    assert rows == [["sdpa-49", "2.00", "5.00", "3.00", "1.00", "2.00", "-", "-"],  # the baseline's row first
-                    ["tiled", "3.00", "9.00", "6.00", "1.50", "4.00", "1.50", "2.00"]]  # bwd: (9 - 3) / (5 - 2)
-    assert results["tiny", "tiled"]["bwd"] == 6.0
+    assert rows == [["sdpa-49", "2.00", "5.00", "2.50", "1.00", "2.00", "-", "-"],  # the baseline's row first
+                    ["tiled", "3.00", "9.00", "5.00", "1.50", "4.00", "1.50", "2.00"]]  # bwd x: 5.0 / 2.5, as measured
+    assert results["tiny", "tiled"]["bwd"] == 5.0
 
 
 def test_ops_command_runs_a_tiny_cell():
@@ -78,6 +78,7 @@ def test_ops_command_runs_a_tiny_cell():
     assert run.returncode == 0, run.stderr
     rows = [line.split()[2:] for line in run.stdout.splitlines() if line.startswith("tiny ")]
     assert [row[0] for row in rows] == ["sdpa-49", "tiled"]  # --baseline sdpa-49 is added to --backends
+    assert all(float(row[3]) > 0 for row in rows), rows  # the backward alone was timed, for both rows
     for row in rows:  # fwd, fwd+bwd, bwd ms were measured (bwd is a difference of medians: any sign)
         fwd, fwd_bwd, _ = map(float, row[1:4])
         assert fwd >= 0 and fwd_bwd > 0
