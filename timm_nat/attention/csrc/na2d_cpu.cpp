@@ -444,8 +444,8 @@ struct BackwardMaps : Maps<T> {
 // window] (p, then dlogits, each as the query pass's vectors left them):
 // query rows of one dilation group are computed in order into a ring of as many rows as any key
 // row's inverse neighbourhood spans, and each key row is gathered as soon as its last query row is
-// there. A few hundred KB that stay in cache, where one pair table for the whole batch (kh*kw*8
-// bytes per query and head) went through memory and its fresh pages' faults.
+// there. Under a MB at NAT's stage 1, so it stays in cache, where one pair table for the whole batch
+// (kh*kw*8 bytes per query and head) went through memory and its fresh pages' faults.
 template <typename A>
 struct PairRing {
   int64_t rows, row_size;  // row_size: entries per query row
@@ -505,8 +505,8 @@ NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i
 // dk and dv of key (b, r, c, head), gathered over the queries whose windows hold it; their pairs
 // are in the ring.
 template <typename T, int NV>
-NA2D_NOINLINE void backward_key(const BackwardMaps<T>& m, const PairRing<acc_t<T>>& ring, int64_t b, int64_t r, int64_t c,
-                                int64_t head) {
+NA2D_NOINLINE void backward_key(const BackwardMaps<T>& m, const PairRing<acc_t<T>>& ring, int64_t b, int64_t r,
+                                int64_t c, int64_t head) {
   using A = acc_t<T>;
   const Problem& p = m.p;
   HeadVec<A, NV> dk_acc(p.dim), dv_acc(p.dim);
