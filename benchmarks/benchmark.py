@@ -15,8 +15,8 @@ kernel*kernel keys per query).
 
 ops: one attention call at the shapes of ``benchmarks.common.SHAPES`` (head dim 32, kernel 7, fp32),
 forward, forward+backward and the backward alone (over one kept graph): the ``na2d`` backends
-with RPB (``natten`` without: NATTEN has none) and ``sdpa-49``, dense SDPA over Swin's 7x7 windows (the same 49 keys per query; a bias without
-gradient, so SDPA runs its fused kernels both ways). "x" is time over the ``--baseline`` backend's
+with RPB (``natten`` without: NATTEN has none) and ``sdpa-49``, dense SDPA over Swin's 7x7 windows
+(the same 49 keys per query; a bias without gradient, so SDPA runs its fused kernels both ways). "x" is time over the ``--baseline`` backend's
 (default sdpa-49) at the same shape. Peak MB is what tensors hold above the inputs.
 
 legacy: ``natten2dqkrpb -> softmax -> natten2dav`` of ``timm_nat.compat``, the fused ``na2d`` that

@@ -78,7 +78,6 @@ def test_ops_command_runs_a_tiny_cell():
     assert run.returncode == 0, run.stderr
     rows = [line.split()[2:] for line in run.stdout.splitlines() if line.startswith("tiny ")]
     assert [row[0] for row in rows] == ["sdpa-49", "tiled"]  # --baseline sdpa-49 is added to --backends
-    assert all(float(row[3]) > 0 for row in rows), rows  # the backward alone was timed, for both rows
-    for row in rows:  # fwd, fwd+bwd, bwd ms were measured (bwd is a difference of medians: any sign)
-        fwd, fwd_bwd, _ = map(float, row[1:4])
-        assert fwd >= 0 and fwd_bwd > 0
+    for row in rows:  # fwd, fwd+bwd and the backward alone (over a kept graph) were measured
+        fwd, fwd_bwd, bwd = map(float, row[1:4])
+        assert fwd >= 0 and fwd_bwd > 0 and bwd > 0
