@@ -48,8 +48,10 @@ using at::vec::Vectorized;
 // of the whole pass, GCC kept their accumulators on the stack (a store and a load per step).
 #if defined(_MSC_VER)
 #define NA2D_NOINLINE __declspec(noinline)
+#define NA2D_INLINE __forceinline
 #else
 #define NA2D_NOINLINE __attribute__((noinline))
+#define NA2D_INLINE inline __attribute__((always_inline))
 #endif
 
 template <typename T>
@@ -147,7 +149,7 @@ inline A hmax(const Vectorized<A>& v) {
 // Lane s of the result is the sum of the lanes of partial[s], for s < Vectorized<A>::size(): one
 // transpose-and-add tree (about 3 instructions a vector for float) instead of a horizontal sum each.
 template <typename A>
-inline Vectorized<A> sum_lanes(const Vectorized<A>* partial) {
+NA2D_INLINE Vectorized<A> sum_lanes(const Vectorized<A>* partial) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float>) {
     __m512 pairs[8], quads[4];
@@ -310,14 +312,23 @@ class WindowBias {
   std::vector<int64_t> built_for_;
 };
 
-// For each window slot in [first, first + Vec::size()): its lanes' partial dot products with
-// head, zeros past the window.
+// Lane s: the dot product of head with window slot first + s, zero past the window. The slots'
+// partial sums stay in registers (the unrolled indices are constants) and are reduced at once.
 template <typename A, int NV, typename T>
-inline void partial_dots(const Problem& p, int64_t first, const HeadVec<A, NV>& head, const T* window_start,
-                         const int64_t* slot_offset, Vectorized<A>* partial) {
-  const int64_t count = std::max<int64_t>(0, std::min<int64_t>(Vectorized<A>::size(), p.window - first));
-  for (int64_t s = 0; s < count; ++s) partial[s] = head.partial_dot(window_start + slot_offset[first + s]);
-  for (int64_t s = count; s < Vectorized<A>::size(); ++s) partial[s] = Vectorized<A>(A(0));
+NA2D_INLINE Vectorized<A> window_dots(const Problem& p, int64_t first, const HeadVec<A, NV>& head,
+                                      const T* window_start, const int64_t* slot_offset) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t lanes = Vec::size();
+  Vec partial[lanes];
+  if (first + lanes <= p.window) {
+    unrolled<lanes>([&](auto s) { partial[s] = head.partial_dot(window_start + slot_offset[first + s]); });
+  } else {  // the window's last slots
+    const int64_t count = p.window - first;
+    unrolled<lanes>([&](auto s) {
+      partial[s] = s < count ? head.partial_dot(window_start + slot_offset[first + s]) : Vec(A(0));
+    });
+  }
+  return sum_lanes(partial);
 }
 
 // probs = exp(logits - shift) over the padded window (padding holds -inf, so exp gives 0); returns the sum.
@@ -371,12 +382,10 @@ NA2D_NOINLINE void forward_query(const Maps<T>& m, int64_t b, int64_t i, int64_t
   using Vec = Vectorized<A>;
   const Problem& p = m.p;
   HeadVec<A, NV> scaled_q(p.dim), acc(p.dim);
-  Vec partial[Vec::size()];
   scaled_q.load(m.q + m.qs.at(b, i, j, head), m.scale);
   const T* key_window = m.key_window(b, i, j, head);
   for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
-    partial_dots(p, first, scaled_q, key_window, m.key_slots.data(), partial);
-    (sum_lanes(partial) + Vec::loadu(bias + first)).store(logits + first);
+    (window_dots(p, first, scaled_q, key_window, m.key_slots.data()) + Vec::loadu(bias + first)).store(logits + first);
   }
   const A shift = max_of(logits, p.padded_window);
   const A total = exp_shifted(logits, shift, probs, p.padded_window);
@@ -473,7 +482,6 @@ NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i
   A* dlogits = pair_out + p.padded_window;
   A* grad_dots = scratch;
   HeadVec<A, NV> scaled_q(p.dim), grad(p.dim), dq_acc(p.dim);
-  Vec partial_qk[Vec::size()], partial_gv[Vec::size()];
   scaled_q.load(m.q + m.qs.at(b, i, j, head), m.scale);
   grad.load(m.g + m.gs.at(b, i, j, head), A(1));
   const T* key_window = m.key_window(b, i, j, head);
@@ -481,10 +489,9 @@ NA2D_NOINLINE void backward_query(const BackwardMaps<T>& m, int64_t b, int64_t i
   const Vec query_lse(m.lse[p.query_index(b, i, j, head)]);
   Vec delta_acc(A(0));
   for (int64_t first = 0; first < p.padded_window; first += Vec::size()) {
-    partial_dots(p, first, scaled_q, key_window, m.key_slots.data(), partial_qk);
-    partial_dots(p, first, grad, value_window, m.value_slots.data(), partial_gv);
-    const Vec prob = (sum_lanes(partial_qk) + Vec::loadu(bias + first) - query_lse).exp();  // 0 in the padding
-    const Vec grad_dot = sum_lanes(partial_gv);
+    const Vec logit = window_dots(p, first, scaled_q, key_window, m.key_slots.data()) + Vec::loadu(bias + first);
+    const Vec prob = (logit - query_lse).exp();  // 0 in the padding
+    const Vec grad_dot = window_dots(p, first, grad, value_window, m.value_slots.data());
     prob.store(probs + first);
     grad_dot.store(grad_dots + first);
     delta_acc = at::vec::fmadd(prob, grad_dot, delta_acc);
