@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py models [--models nat_mini dinat_mini] [--baselines swin_tiny_patch4_window7_224 ...]
                                           [--attention tiled cpu_fused] [--precisions fp32 bf16 compile]
+    python benchmarks/benchmark.py profile [--models nat_mini] [--precisions fp32 bf16] [--mode train] [--batch 8]
     python benchmarks/benchmark.py ops    [--shapes stage1 ...] [--backends sdpa-49 reference tiled cpu_fused]
     python benchmarks/benchmark.py legacy [--shapes stage1 ...]        # the legacy NATTEN API (timm_nat.compat)
     common options: [--device cpu|cuda] [--repeats 5] [--threads N] [--clock wall|cpu] [--jobs N]
@@ -12,6 +13,10 @@ models, every forced ``na2d`` backend (``--attention``; ``auto`` lets the operat
 img/s over the baseline model's (the first ``--baselines``) in the same precision and cell. GFLOP/img
 are counted with ``torch.utils.flop_counter`` (multiply-add = 2 FLOPs, attention at its nominal
 kernel*kernel keys per query).
+
+profile: where the time of one model cell goes (``--mode``, ``--batch``, each precision and ``--attention``):
+``torch.profiler`` over ``--repeats`` calls after one warm-up, self time by op, the ``--top`` slowest
+and the rest summed, in ms per call and % of the profiled total.
 
 ops: one attention call at the shapes of ``benchmarks.common.SHAPES`` (head dim 32, kernel 7, fp32),
 forward, forward+backward and the backward alone (over one kept graph): the ``na2d`` backends
@@ -45,6 +50,7 @@ DEFAULT_MODELS = ("nat_mini", "dinat_mini")
 DEFAULT_BASELINES = ("swin_tiny_patch4_window7_224", "convnext_tiny")
 DEFAULT_OP_SHAPES = ("stage1", "stage1-d8", "stage2", "stage3", "stage4", "map-640", "map-1344")
 DEFAULT_LEGACY_SHAPES = ("stage1", "stage2", "stage3", "stage4")
+MODEL_ATTENTION = ("auto", "tiled", "cpu_fused", "flex", "natten", "reference")  # na2d backends a model cell can force
 OP_BACKENDS = ("sdpa-49", "natten", "reference", "tiled", "cpu_fused", "flex")
 LEGACY_IMPLS = {
     "natten-mps": "natten_mps.compat.v014 natten2dqkrpb -> softmax -> natten2dav",
@@ -78,14 +84,9 @@ def count_gflops(model_name: str, img_size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure_model(model: str, mode: str, batch: int, img_size: int, device: str, precision: str, attention: str,
-                  repeats: int, clock: str = "wall") -> dict:
-    """One model cell in this process: ``mode`` 'infer' or 'train'; returns ``{'img_s': ...}``.
-
-    ``attention`` is the ``na2d`` backend forced during the cell ('auto' or '-': the operator's choice)."""
+def _model_step(model: str, mode: str, batch: int, img_size: int, device: str, precision: str) -> Callable:
+    """One call of a model cell: inference under no_grad, or a training step (forward, backward, SGD)."""
     import torch
-
-    from timm_nat.attention import use_backend
     torch.manual_seed(0)
     net = _create_model(model, img_size).to(device).train(mode == "train")
     if precision == "compile":
@@ -105,7 +106,18 @@ def measure_model(model: str, mode: str, batch: int, img_size: int, device: str,
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
+
+def measure_model(model: str, mode: str, batch: int, img_size: int, device: str, precision: str, attention: str,
+                  repeats: int, clock: str = "wall") -> dict:
+    """One model cell in this process: ``mode`` 'infer' or 'train'; returns ``{'img_s': ...}``.
+
+    ``attention`` is the ``na2d`` backend forced during the cell ('auto' or '-': the operator's choice)."""
+    import torch
+
+    from timm_nat.attention import use_backend
+    step = _model_step(model, mode, batch, img_size, device, precision)
     sync = torch.cuda.synchronize if device == "cuda" else None
     with use_backend(None if attention in ("auto", "-") else attention):
         seconds = median_seconds(step, repeats, warmup=2 if precision == "compile" else 1, clock=CLOCKS[clock],
@@ -139,6 +151,49 @@ def models_table(args) -> dict:
                 base = results.get((baseline, "-", precision, mode, batch))
                 line += f" {ours:>11.2f} {ratio(ours, base):>5}" if ours else f" {cell.get('error', '-')[:11]:>11} {'-':>5}"
             print(line, flush=True)
+    return results
+
+
+def profile_model(model: str, mode: str, batch: int, img_size: int, device: str, precision: str, attention: str,
+                  repeats: int, top: int) -> dict:
+    """Self time by op of one model cell (``torch.profiler`` over ``repeats`` calls after a warm-up):
+    ``{'total_ms': per call, 'ops': [[op, ms per call, calls per call], ...] (the top slowest), 'other_ms': ...}``."""
+    import torch
+
+    from timm_nat.attention import use_backend
+    step = _model_step(model, mode, batch, img_size, device, precision)
+    activity = torch.profiler.ProfilerActivity
+    activities = [activity.CPU] + ([activity.CUDA] if device == "cuda" else [])
+    with use_backend(None if attention in ("auto", "-") else attention):
+        step()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(repeats):
+                step()
+    time_attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    ops = sorted(([event.key, getattr(event, time_attr) / 1e3 / repeats, event.count / repeats]
+                  for event in prof.key_averages()), key=lambda op: -op[1])
+    total = sum(op[1] for op in ops)
+    return dict(total_ms=total, ops=ops[:top], other_ms=total - sum(op[1] for op in ops[:top]))
+
+
+def profile_table(args) -> dict:
+    """Prints where the time of each model cell goes, by op; returns {(model, attention, precision): cell}."""
+    rows = [(name, attention) for name in args.models for attention in args.attention]
+    specs = [dict(kind="profile", model=name, mode=args.mode, batch=args.batch, img_size=args.img_size,
+                  device=args.device, precision=precision, attention=attention, top=args.top)
+             for precision in args.precisions for name, attention in rows]
+    cells = _run_cells(args, specs)
+    results = {}
+    for spec in specs:
+        cell = results[spec["model"], spec["attention"], spec["precision"]] = cells[_key(spec)]
+        print(f"\n{spec['model']}, {args.mode} b{args.batch}, {spec['precision']}, attention {spec['attention']}: "
+              + (f"{cell['total_ms']:.1f} ms of self time per call (under the profiler)" if "total_ms" in cell
+                 else f"failed: {cell.get('error', '?')}"))
+        if "total_ms" not in cell:
+            continue
+        print(f"{'op':<48} {'ms/call':>9} {'%':>6} {'calls':>7}")
+        for name, ms, calls in cell["ops"] + [["(all other ops)", cell["other_ms"], 0]]:
+            print(f"{name[:48]:<48} {ms:>9.2f} {100 * ms / cell['total_ms']:>6.1f} {calls or '':>7}")
     return results
 
 
@@ -373,15 +428,19 @@ def run_one_cell(spec: dict) -> dict:
     import torch
     spec = dict(spec)
     kind, threads, clock = spec.pop("kind"), spec.pop("threads", 0), spec.pop("clock", "wall")
+    if kind == "profile":  # times with the profiler's own clock
+        repeats = spec.pop("repeats")
     if threads:
         torch.set_num_threads(threads)
     if kind == "model":
         return measure_model(**spec, clock=clock)
     if kind == "op":
         return measure_op(**spec, clock=clock)
+    if kind == "profile":
+        return profile_model(**spec, repeats=repeats)
     if kind == "legacy":
         return measure_legacy(**spec)
-    raise ValueError(f"unknown cell kind {kind!r}; expected 'model', 'op' or 'legacy'")
+    raise ValueError(f"unknown cell kind {kind!r}; expected 'model', 'profile', 'op' or 'legacy'")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -398,12 +457,20 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", parents=[common], help="whole models, img/s")
     models.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     models.add_argument("--baselines", nargs="*", default=list(DEFAULT_BASELINES), help="the first is the x baseline")
-    models.add_argument("--attention", nargs="+", default=["tiled", "cpu_fused"],
-                        choices=("auto", "tiled", "cpu_fused", "flex", "natten", "reference"),
+    models.add_argument("--attention", nargs="+", default=["tiled", "cpu_fused"], choices=MODEL_ATTENTION,
                         help="na2d backend forced in the NA models (auto: the operator's choice)")
     models.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "compile"],
                         choices=("fp32", "bf16", "compile"))
     models.add_argument("--img-size", type=int, default=224)
+    profile = commands.add_parser("profile", parents=[common], help="one model cell's time by op (torch.profiler)")
+    profile.add_argument("--models", nargs="+", default=["nat_mini"])
+    profile.add_argument("--attention", nargs="+", default=["cpu_fused"], choices=MODEL_ATTENTION,
+                         help="na2d backend forced in the NA models (auto: the operator's choice)")
+    profile.add_argument("--precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16", "compile"))
+    profile.add_argument("--mode", default="train", choices=("infer", "train"))
+    profile.add_argument("--batch", type=int, default=8)
+    profile.add_argument("--img-size", type=int, default=224)
+    profile.add_argument("--top", type=int, default=15, help="ops listed; the rest are summed")
     ops = commands.add_parser("ops", parents=[common], help="one attention call, ms and peak MB")
     ops.add_argument("--shapes", nargs="+", default=list(DEFAULT_OP_SHAPES), choices=tuple(SHAPES))
     ops.add_argument("--backends", nargs="+", default=["sdpa-49", "reference", "tiled", "cpu_fused"],
@@ -430,13 +497,15 @@ def main(argv=None) -> int:
     import torch
     print(f"timm-nat benchmark {args.command}: {args.device}, torch {torch.__version__}, "
           f"{args.threads or torch.get_num_threads()} thread(s) per cell, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; medians of {args.repeats} after warm-up, {args.clock} clock, "
-          f"{args.jobs} cell(s) at a time", flush=True)
+          f"{torch.backends.cpu.get_cpu_capability()}; "
+          + (f"profiled over {args.repeats} calls after a warm-up" if args.command == "profile"
+             else f"medians of {args.repeats} after warm-up, {args.clock} clock")
+          + f", {args.jobs} cell(s) at a time", flush=True)
     if args.device == "cpu" and "cpu_fused" in getattr(args, "attention", getattr(args, "backends", ["cpu_fused"])):
         from timm_nat.attention import cpu_fused
         print(f"fused CPU kernel: {'available' if cpu_fused.is_available() else 'NOT available'} "
               f"(build/load {cpu_fused.build_seconds() or 0:.1f} s)", flush=True)
-    {"models": models_table, "ops": ops_table, "legacy": legacy_table}[args.command](args)
+    {"models": models_table, "profile": profile_table, "ops": ops_table, "legacy": legacy_table}[args.command](args)
     return 0
 
 

@@ -81,3 +81,26 @@ def test_ops_command_runs_a_tiny_cell():
     for row in rows:  # fwd, fwd+bwd and the backward alone (over a kept graph) were measured
         fwd, fwd_bwd, bwd = map(float, row[1:4])
         assert fwd >= 0 and fwd_bwd > 0 and bwd > 0
+
+
+def test_profile_cell_counts_every_linear_of_a_training_step():
+    import timm
+    cell = benchmark.profile_model("nat_mini", "train", 2, 64, "cpu", "fp32", "auto", repeats=2, top=10_000)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in timm.create_model("nat_mini").modules())
+    calls = {name: count for name, _, count in cell["ops"]}
+    assert calls["aten::linear"] == linears  # one forward per step, every Linear once
+    times = [ms for _, ms, _ in cell["ops"]]
+    assert times == sorted(times, reverse=True) and min(times) >= 0
+    assert cell["other_ms"] == pytest.approx(0, abs=1e-9)  # nothing left out of 10,000 ops
+    assert sum(times) == pytest.approx(cell["total_ms"])
+
+
+def test_profile_table_prints_each_op_as_its_share_of_the_total(monkeypatch, capsys):
+    cell = dict(total_ms=40.0, ops=[["aten::mm", 20.0, 12.0], ["timm_nat_na2d::backward", 10.0, 4.0]], other_ms=10.0)
+    monkeypatch.setattr(benchmark, "_run_cells", lambda args, specs: {benchmark._key(s): cell for s in specs})
+    benchmark.profile_table(benchmark._parser().parse_args(["profile", "--models", "nat_mini", "--top", "2"]))
+    out = capsys.readouterr().out
+    assert "nat_mini, train b8, fp32, attention cpu_fused: 40.0 ms" in out
+    rows = {line[:48].strip(): line[48:].split() for line in out.splitlines()[3:] if line.strip()}
+    assert rows == {"aten::mm": ["20.00", "50.0", "12.0"], "timm_nat_na2d::backward": ["10.00", "25.0", "4.0"],
+                    "(all other ops)": ["10.00", "25.0"]}

@@ -120,7 +120,7 @@ def test_printed_benchmark_commands_parse():
     commands = list(_tool_invocations("benchmarks/benchmark.py"))
     assert len(commands) >= 4
     for page, command, argv in commands:
-        assert _parser().parse_args(argv).command in ("models", "ops", "legacy"), f"{page.name}: {command}"
+        assert _parser().parse_args(argv).command in ("models", "profile", "ops", "legacy"), f"{page.name}: {command}"
 
 
 def test_set_up_path_uses_the_venv_not_console_scripts():
