@@ -491,3 +491,19 @@ def test_all_converts_a_published_detector_file_into_a_backbone_folder(case, tmp
     inputs = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert [max_abs_diff(c, s) for c, s in zip(converted(inputs), source(inputs), strict=True)] == [0.0] * 4
+
+
+def test_a_detector_file_is_split_once_with_one_log_line(tmp_path, caplog):
+    """Architecture detection tries many candidates; the whole detector file is split into its backbone
+    before that, so the keys left out are counted in one warning (not one per candidate)."""
+    from test_downstream import _golden_case, _whole_checkpoint
+
+    meta, _ = _golden_case("mmdet_dinat_tiny_maskrcnn_coco")
+    checkpoint = _whole_checkpoint(meta)
+    path = tmp_path / "whole.pth"
+    torch.save(checkpoint, path)
+    others = [k for k in checkpoint["state_dict"] if not k.startswith("backbone.")]
+    with caplog.at_level("WARNING"):
+        assert main([str(path), "--output-dir", str(tmp_path / "out"), "--model", "dinat_tiny"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "not part of the backbone" in r.getMessage()]
+    assert len(lines) == 1 and f"{len(others)} keys are not part of the backbone" in lines[0]

@@ -16,6 +16,7 @@ from huggingface_hub import HfApi
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from ..models._family import build_architecture
+from ..models._helpers import backbone_of_checkpoint
 from .architecture import Architecture, family_of, infer_architecture
 from .card import Provenance, model_card, provenance
 from .errors import ConversionError, log, one_line
@@ -161,7 +162,8 @@ def convert(
     if not isinstance(source, Source):
         source = resolve_source(str(source), downloader)
     check_no_overlap(source.root, output_dir)
-    state_dict = read_state_dict(source.weights)
+    # a whole detector / segmenter file: its backbone, with one log line counting what is left out
+    state_dict = backbone_of_checkpoint(read_state_dict(source.weights))
     arch = infer_architecture(state_dict, model=model, model_args=model_args, config=source.config, entry=source.entry)
     log(f"{source.name}: {arch.describe()}")
     prov = provenance(source, file_sha256(source.weights), source.weights.stat().st_size)
