@@ -428,8 +428,6 @@ def run_one_cell(spec: dict) -> dict:
     import torch
     spec = dict(spec)
     kind, threads, clock = spec.pop("kind"), spec.pop("threads", 0), spec.pop("clock", "wall")
-    if kind == "profile":  # times with the profiler's own clock
-        repeats = spec.pop("repeats")
     if threads:
         torch.set_num_threads(threads)
     if kind == "model":
@@ -437,7 +435,7 @@ def run_one_cell(spec: dict) -> dict:
     if kind == "op":
         return measure_op(**spec, clock=clock)
     if kind == "profile":
-        return profile_model(**spec, repeats=repeats)
+        return profile_model(**spec)  # times with the profiler's own clock
     if kind == "legacy":
         return measure_legacy(**spec)
     raise ValueError(f"unknown cell kind {kind!r}; expected 'model', 'profile', 'op' or 'legacy'")
